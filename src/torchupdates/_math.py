@@ -1,0 +1,46 @@
+"""Elementwise functions that accept a number, a tensor or a :class:`TensorList`.
+
+Rule formulas call these instead of ``torch.*`` so that one formula serves every engine
+and also the scalar coefficients (for example Adam's bias correction) computed from
+hyperparameters that may be Python numbers or 0-d tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TypeVar, Union, overload
+
+import torch
+from torch import Tensor
+
+from ._tensorlist import TensorList
+
+Value = Union[Tensor, TensorList]
+"""What a formula computes on: one tensor, or many tensors at once."""
+
+V = TypeVar("V", Tensor, TensorList)
+
+
+@overload
+def sqrt(x: float) -> float: ...
+@overload
+def sqrt(x: V) -> V: ...
+def sqrt(x: float | V) -> float | V:
+    """Square root, elementwise."""
+    if isinstance(x, (Tensor, TensorList)):
+        return x.sqrt()
+    return math.sqrt(x)
+
+
+def square(x: V) -> V:
+    """``x * x``: the correctly rounded square, the same as ``x ** 2`` in IEEE arithmetic."""
+    return x * x
+
+
+def maximum(a: V, b: V) -> V:
+    """Elementwise maximum of two values of the same kind."""
+    if isinstance(a, TensorList) and isinstance(b, TensorList):
+        return a.maximum(b)
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return torch.maximum(a, b)
+    raise TypeError(f"maximum needs two tensors or two tensor lists, got {type(a)} and {type(b)}")

@@ -1,0 +1,57 @@
+"""Writing an update dictionary: the one place where parameters and state change."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["apply_updates"]
+
+
+def apply_updates(updates: Mapping[Tensor, Tensor]) -> None:
+    """Write every proposed value of an update dictionary into its tensor, in place.
+
+    Parameters
+    ----------
+    updates : mapping of Tensor to Tensor
+        Target tensor (a parameter or a state tensor) to its new value, as returned by
+        :meth:`Optimizer.updates` and possibly edited, e.g. with :func:`norm_constraint`.
+
+    Raises
+    ------
+    TypeError
+        When a key or value is not a tensor.
+    ValueError
+        When a value's shape differs from its target's.
+
+    Notes
+    -----
+    Everything is checked before anything is written, so a bad entry leaves all targets
+    as they were. Values are cast to the target's dtype and device, as ``copy_`` does.
+    ``optimizer.step(x)`` is exactly ``apply_updates(optimizer.updates(x))``.
+    """
+    for target, value in updates.items():
+        if not isinstance(target, Tensor) or not isinstance(value, Tensor):
+            raise TypeError(
+                "update dictionaries map tensors to tensors, got "
+                f"{type(target).__name__} -> {type(value).__name__}"
+            )
+        if value.shape != target.shape:
+            raise ValueError(
+                f"an update of shape {tuple(value.shape)} cannot be written to a tensor of shape {tuple(target.shape)}"
+            )
+    targets_by_id = {id(target) for target in updates}
+    batches: dict[Hashable, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+    for target, value in updates.items():
+        if id(value) in targets_by_id and value is not target:
+            # All updates take effect at once: read a value before any target is overwritten.
+            value = value.clone()
+        targets, values = batches[(target.device, target.dtype, value.device, value.dtype, type(target))]
+        targets.append(target)
+        values.append(value)
+    with torch.no_grad():
+        for targets, values in batches.values():
+            torch._foreach_copy_(targets, values)

@@ -1,0 +1,197 @@
+"""Norm constraints: pure functions that rescale tensors (weights, updates or gradients)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal, overload
+
+import torch
+from torch import Tensor
+
+from ._tensorlist import Scalar
+from .transform import NON_NEGATIVE, Hyperparameter, check_hyperparameter
+
+__all__ = ["norm_constraint", "total_norm_constraint"]
+
+_MAX_NORM = Hyperparameter("max_norm", None, NON_NEGATIVE)
+_EPSILON = Hyperparameter("epsilon", None, NON_NEGATIVE)
+
+
+def _sum_of_squares(tensor: Tensor, dim: tuple[int, ...] | None = None) -> Tensor:
+    square = torch.real(tensor * tensor.conj()) if tensor.is_complex() else tensor * tensor
+    if dim is None:
+        return torch.sum(square)
+    return torch.sum(square, dim=dim, keepdim=True)
+
+
+def _clip(norm: Tensor, max_norm: Scalar) -> Tensor:
+    """``clip(norm, 0, max_norm)``."""
+    low = torch.clamp(norm, min=0.0)
+    if isinstance(max_norm, Tensor):
+        return torch.minimum(low, max_norm.to(low.dtype))
+    return torch.clamp(low, max=max_norm)
+
+
+def _check_tensor(name: str, tensor: object) -> Tensor:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        raise TypeError(f"{name} must be floating point or complex, got dtype {tensor.dtype}")
+    return tensor
+
+
+def _norm_axes(ndim: int, norm_axes: Sequence[int] | None) -> tuple[int, ...]:
+    if norm_axes is None:
+        if 2 <= ndim <= 5:
+            return tuple(range(1, ndim))
+        raise ValueError(f"Unsupported tensor dimensionality {ndim}. Must specify `norm_axes`")
+    if isinstance(norm_axes, int):
+        norm_axes = (norm_axes,)
+    axes = []
+    for axis in norm_axes:
+        if not isinstance(axis, int) or isinstance(axis, bool) or not -ndim <= axis < ndim:
+            raise ValueError(f"norm_axes entry {axis!r} is not an axis of a {ndim}-d tensor")
+        axes.append(axis % ndim)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"norm_axes {tuple(norm_axes)} repeats an axis")
+    return tuple(axes)
+
+
+def norm_constraint(
+    tensor: Tensor, max_norm: Scalar, norm_axes: Sequence[int] | None = None, epsilon: Scalar = 1e-7
+) -> Tensor:
+    r"""Rescale the slices of a tensor whose norm exceeds ``max_norm`` (max-norm constraint).
+
+    With :math:`n` the Euclidean norm over ``norm_axes`` (kept as size-1 axes):
+
+    .. math::
+        n &= \sqrt{\textstyle\sum_{\text{axes}} x^2} \\
+        x &\leftarrow x \cdot \frac{\operatorname{clip}(n, 0, \text{max\_norm})}{\epsilon + n}
+
+    Slices within the bound are left (almost) unchanged: they are multiplied by
+    :math:`n / (\epsilon + n)`. Use it on weights (instead of weight decay), on proposed
+    updates (``upd[W] = norm_constraint(upd[W], 3.0)``) or on gradients (clipping).
+
+    Parameters
+    ----------
+    tensor : Tensor
+        A floating-point (or complex) tensor. It is not modified.
+    max_norm : float or 0-d Tensor
+        The largest allowed norm, >= 0.
+    norm_axes : sequence of int, optional
+        Axes to compute the norm over. Default, for 2-D to 5-D tensors: every axis but 0,
+        which is one norm per output unit of ``nn.Linear`` weights ``(out, in)`` and per
+        output channel of ``nn.Conv*d`` weights ``(out, in, *kernel)``. Lasagne's dense
+        layers stored ``(in, out)``: pass ``norm_axes=(0,)`` to reproduce its 2-D default.
+    epsilon : float or 0-d Tensor, optional
+        Added to the norm in the denominator against division by zero. Default 1e-7.
+
+    Returns
+    -------
+    Tensor
+        A new tensor of the same shape and dtype. Differentiable.
+
+    Raises
+    ------
+    ValueError
+        For tensors of other than 2 to 5 dimensions when ``norm_axes`` is not given
+        ("Unsupported tensor dimensionality ..."), for bad axes, and for negative
+        ``max_norm`` or ``epsilon``.
+
+    References
+    ----------
+    .. [1] Srivastava, N., Hinton, G., Krizhevsky, A., Sutskever, I. and Salakhutdinov, R.
+       (2014): Dropout: A simple way to prevent neural networks from overfitting.
+       JMLR, 15:1929-1958, section 5.1.
+
+    Examples
+    --------
+    >>> import torch, torchupdates as updates
+    >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    >>> updates.norm_constraint(w, 1.0, epsilon=0.0)
+    tensor([[0.6000, 0.8000],
+            [0.3000, 0.4000]])
+    """
+    tensor = _check_tensor("tensor", tensor)
+    check_hyperparameter("norm_constraint", _MAX_NORM, max_norm)
+    check_hyperparameter("norm_constraint", _EPSILON, epsilon)
+    axes = _norm_axes(tensor.dim(), norm_axes)
+    norms = torch.sqrt(_sum_of_squares(tensor, axes))
+    return tensor * (_clip(norms, max_norm) / (epsilon + norms))
+
+
+@overload
+def total_norm_constraint(
+    tensors: Iterable[Tensor], max_norm: Scalar, epsilon: Scalar = ..., return_norm: Literal[False] = ...
+) -> list[Tensor]: ...
+@overload
+def total_norm_constraint(
+    tensors: Iterable[Tensor], max_norm: Scalar, epsilon: Scalar = ..., *, return_norm: Literal[True]
+) -> tuple[list[Tensor], Tensor]: ...
+@overload
+def total_norm_constraint(
+    tensors: Iterable[Tensor], max_norm: Scalar, epsilon: Scalar, return_norm: Literal[True]
+) -> tuple[list[Tensor], Tensor]: ...
+def total_norm_constraint(
+    tensors: Iterable[Tensor], max_norm: Scalar, epsilon: Scalar = 1e-7, return_norm: bool = False
+) -> list[Tensor] | tuple[list[Tensor], Tensor]:
+    r"""Rescale a list of tensors together so that their joint norm is at most ``max_norm``.
+
+    .. math::
+        n &= \sqrt{\textstyle\sum_i \sum x_i^2} \\
+        x_i &\leftarrow x_i \cdot \frac{\operatorname{clip}(n, 0, \text{max\_norm})}{\epsilon + n}
+
+    The usual gradient clipping of recurrent networks [1]_:
+    ``grads = total_norm_constraint(grads, 5.0)`` then ``opt.step(grads)``.
+
+    Parameters
+    ----------
+    tensors : iterable of Tensor
+        Floating-point (or complex) tensors, e.g. gradients. They are not modified.
+    max_norm : float or 0-d Tensor
+        The largest allowed joint norm, >= 0.
+    epsilon : float or 0-d Tensor, optional
+        Added to the norm in the denominator against division by zero. Default 1e-7.
+    return_norm : bool, optional
+        Also return :math:`n`, the joint norm before rescaling (useful to monitor
+        training). Default False.
+
+    Returns
+    -------
+    list of Tensor
+        The rescaled tensors, new, in the given order.
+    Tensor
+        The joint norm (0-d), only when ``return_norm`` is true.
+
+    Raises
+    ------
+    ValueError
+        For an empty list, or a negative ``max_norm`` or ``epsilon``.
+    TypeError
+        For an entry that is not a floating-point or complex tensor.
+
+    References
+    ----------
+    .. [1] Sutskever, I., Vinyals, O. and Le, Q. V. (2014): Sequence to sequence learning
+       with neural networks. NeurIPS 27, 3104-3112.
+
+    Examples
+    --------
+    >>> import torch, torchupdates as updates
+    >>> clipped, norm = updates.total_norm_constraint(
+    ...     [torch.tensor([3.0]), torch.tensor([4.0])], 1.0, epsilon=0.0, return_norm=True)
+    >>> clipped, norm
+    ([tensor([0.6000]), tensor([0.8000])], tensor(5.))
+    """
+    tensors = [_check_tensor(f"tensors[{i}]", t) for i, t in enumerate(tensors)]
+    if not tensors:
+        raise ValueError("total_norm_constraint needs at least one tensor")
+    check_hyperparameter("total_norm_constraint", _MAX_NORM, max_norm)
+    check_hyperparameter("total_norm_constraint", _EPSILON, epsilon)
+    total = _sum_of_squares(tensors[0])
+    for tensor in tensors[1:]:
+        total = total + _sum_of_squares(tensor)
+    norm = torch.sqrt(total)
+    multiplier = _clip(norm, max_norm) / (epsilon + norm)
+    scaled = [tensor * multiplier for tensor in tensors]
+    return (scaled, norm) if return_norm else scaled

@@ -1,0 +1,118 @@
+"""What every engine shares: the per-parameter inputs of a step and the chain of formulas."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._math import Value
+from ..transform import Transform
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One transform in an optimizer's chain, with the keys it uses in groups and state.
+
+    Attributes
+    ----------
+    transform : Transform
+        The rule (first stage) or a modifier (later stages).
+    hyper_keys : dict
+        Local hyperparameter name -> key in each param group (``learning_rate`` -> ``lr``).
+    state_keys : dict
+        Local state name -> key in ``optimizer.state[param]``.
+    step_key : str or None
+        Key of the step counter, for transforms that count steps.
+    members : frozenset of int or None
+        Positions (in the optimizer's flat parameter order) the stage applies to; ``None``
+        for all parameters.
+    """
+
+    transform: Transform
+    hyper_keys: dict[str, str]
+    state_keys: dict[str, str]
+    step_key: str | None
+    members: frozenset[int] | None
+
+    def applies_to(self, position: int) -> bool:
+        return self.members is None or position in self.members
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The inputs of one parameter for one step, already validated.
+
+    ``steps[i]`` is the 1-based step number ``t`` for stage ``i`` (``None`` when the stage
+    does not count steps or does not apply); ``applies[i]`` says whether stage ``i`` acts.
+    ``state`` holds the formulas' state tensors by state key, ``counters`` the step
+    counters; ``work_dtype`` is the dtype the arithmetic runs in (the state's dtype).
+    """
+
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Tensor]
+    counters: dict[str, Tensor]
+    group: int
+    steps: tuple[int | None, ...]
+    applies: tuple[bool, ...]
+    work_dtype: torch.dtype
+
+
+def run_chain(
+    stages: Sequence[Stage],
+    hyperparameters: Sequence[dict[str, Any]],
+    param: Value,
+    grad: Value,
+    state: dict[str, Value],
+    steps: Sequence[int | None],
+    applies: Sequence[bool],
+) -> tuple[Value, dict[str, Value]]:
+    """Run the rule and then each modifier, each on the previous stage's proposal.
+
+    Returns the final proposal for the parameter and the new value of every state entry
+    (by state key) that a stage computed.
+    """
+    incoming = grad
+    new_state: dict[str, Value] = {}
+    for stage, hp, t, acts in zip(stages, hyperparameters, steps, applies):
+        if not acts:
+            continue
+        local = {name: state[key] for name, key in stage.state_keys.items()}
+        incoming, computed = stage.transform.formula(param, incoming, local, t, **hp)
+        for name, value in computed.items():
+            new_state[stage.state_keys[name]] = value
+    return incoming, new_state
+
+
+def to_work(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """The real-valued view of ``tensor`` in the working dtype (no copy when it already is)."""
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def from_work(value: Tensor, like: Tensor) -> Tensor:
+    """Undo :func:`to_work`: a tensor with the dtype (and complexness) of ``like``."""
+    if like.is_complex():
+        real_dtype = torch.view_as_real(like).dtype
+        return torch.view_as_complex(value.to(real_dtype).contiguous())
+    return value if value.dtype == like.dtype else value.to(like.dtype)
+
+
+def pairs_for_slot(
+    stages: Sequence[Stage], slot: Slot, proposal: Tensor, new_state: dict[str, Tensor]
+) -> list[tuple[Tensor, Tensor]]:
+    """The (target, new value) pairs of one parameter: itself, its state, its step counters."""
+    pairs = [(slot.param, from_work(proposal, slot.param))]
+    for key, value in new_state.items():
+        target = slot.state[key]
+        pairs.append((target, from_work(value, target)))
+    for stage, t in zip(stages, slot.steps):
+        if stage.step_key is not None and t is not None:
+            counter = slot.counters[stage.step_key]
+            pairs.append((counter, torch.full_like(counter, t)))
+    return pairs

@@ -1,0 +1,560 @@
+"""The update rules: each formula written once, and the function that builds its optimizer.
+
+Every formula keeps the operation order of the specification (Lasagne's ``updates.py``), so
+results agree with a float64 transcription of it to rounding, and the engines agree with
+each other bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._math import Value, maximum, sqrt, square
+from ._tensorlist import Scalar
+from .modifiers import MOMENTUM, NESTEROV_MOMENTUM
+from .optimizer import Optimizer, ParamsT
+from .transform import NON_NEGATIVE, UNIT_INTERVAL, Hyperparameter, Transform
+
+__all__ = [
+    "sgd",
+    "momentum",
+    "nesterov_momentum",
+    "adagrad",
+    "rmsprop",
+    "adadelta",
+    "adam",
+    "adamax",
+    "amsgrad",
+]
+
+State = dict[str, Value]
+
+
+def _learning_rate(default: float | None) -> Hyperparameter:
+    return Hyperparameter("learning_rate", default, NON_NEGATIVE)
+
+
+def _epsilon(default: float) -> Hyperparameter:
+    return Hyperparameter("epsilon", default, NON_NEGATIVE)
+
+
+def _decay(name: str, default: float) -> Hyperparameter:
+    return Hyperparameter(name, default, UNIT_INTERVAL)
+
+
+def _sgd(param: Value, grad: Value, state: State, t: None, *, learning_rate: Scalar) -> tuple[Value, State]:
+    return param - learning_rate * grad, {}
+
+
+def _adagrad(
+    param: Value, grad: Value, state: State, t: None, *, learning_rate: Scalar, epsilon: Scalar
+) -> tuple[Value, State]:
+    accu = state["accu"] + square(grad)
+    return param - learning_rate * grad / sqrt(accu + epsilon), {"accu": accu}
+
+
+def _rmsprop(
+    param: Value, grad: Value, state: State, t: None, *, learning_rate: Scalar, rho: Scalar, epsilon: Scalar
+) -> tuple[Value, State]:
+    accu = rho * state["accu"] + (1 - rho) * square(grad)
+    return param - learning_rate * grad / sqrt(accu + epsilon), {"accu": accu}
+
+
+def _adadelta(
+    param: Value, grad: Value, state: State, t: None, *, learning_rate: Scalar, rho: Scalar, epsilon: Scalar
+) -> tuple[Value, State]:
+    accu = rho * state["accu"] + (1 - rho) * square(grad)
+    delta = grad * sqrt(state["delta_accu"] + epsilon) / sqrt(accu + epsilon)
+    delta_accu = rho * state["delta_accu"] + (1 - rho) * square(delta)
+    return param - learning_rate * delta, {"accu": accu, "delta_accu": delta_accu}
+
+
+def _adam(
+    param: Value,
+    grad: Value,
+    state: State,
+    t: int,
+    *,
+    learning_rate: Scalar,
+    beta1: Scalar,
+    beta2: Scalar,
+    epsilon: Scalar,
+) -> tuple[Value, State]:
+    a = learning_rate * sqrt(1 - beta2**t) / (1 - beta1**t)
+    m = beta1 * state["m"] + (1 - beta1) * grad
+    v = beta2 * state["v"] + (1 - beta2) * square(grad)
+    return param - a * m / (sqrt(v) + epsilon), {"m": m, "v": v}
+
+
+def _adamax(
+    param: Value,
+    grad: Value,
+    state: State,
+    t: int,
+    *,
+    learning_rate: Scalar,
+    beta1: Scalar,
+    beta2: Scalar,
+    epsilon: Scalar,
+) -> tuple[Value, State]:
+    a = learning_rate / (1 - beta1**t)
+    m = beta1 * state["m"] + (1 - beta1) * grad
+    u = maximum(beta2 * state["u"], abs(grad))
+    return param - a * m / (u + epsilon), {"m": m, "u": u}
+
+
+def _amsgrad(
+    param: Value,
+    grad: Value,
+    state: State,
+    t: int,
+    *,
+    learning_rate: Scalar,
+    beta1: Scalar,
+    beta2: Scalar,
+    epsilon: Scalar,
+) -> tuple[Value, State]:
+    a = learning_rate * sqrt(1 - beta2**t) / (1 - beta1**t)
+    m = beta1 * state["m"] + (1 - beta1) * grad
+    v = beta2 * state["v"] + (1 - beta2) * square(grad)
+    v_hat = maximum(state["v_hat"], v)
+    return param - a * m / (sqrt(v_hat) + epsilon), {"m": m, "v": v, "v_hat": v_hat}
+
+
+SGD = Transform("sgd", (_learning_rate(None),), (), _sgd, accepts_sparse=True)
+ADAGRAD = Transform("adagrad", (_learning_rate(1.0), _epsilon(1e-6)), ("accu",), _adagrad)
+RMSPROP = Transform("rmsprop", (_learning_rate(1.0), _decay("rho", 0.9), _epsilon(1e-6)), ("accu",), _rmsprop)
+ADADELTA = Transform(
+    "adadelta", (_learning_rate(1.0), _decay("rho", 0.95), _epsilon(1e-6)), ("accu", "delta_accu"), _adadelta
+)
+_ADAM_FAMILY = (_decay("beta1", 0.9), _decay("beta2", 0.999), _epsilon(1e-8))
+ADAM = Transform("adam", (_learning_rate(0.001), *_ADAM_FAMILY), ("m", "v"), _adam, counts_steps=True)
+ADAMAX = Transform("adamax", (_learning_rate(0.002), *_ADAM_FAMILY), ("m", "u"), _adamax, counts_steps=True)
+AMSGRAD = Transform("amsgrad", (_learning_rate(0.001), *_ADAM_FAMILY), ("m", "v", "v_hat"), _amsgrad, counts_steps=True)
+
+
+def sgd(
+    params: ParamsT,
+    learning_rate: Scalar,
+    *,
+    engine: str = "foreach",
+    state_dtype: torch.dtype | None = None,
+) -> Optimizer:
+    r"""Stochastic gradient descent.
+
+    .. math:: p \leftarrow p - \eta\, g
+
+    Parameters
+    ----------
+    params : iterable of Tensor or of dict
+        Parameters to optimize, or param groups (dicts with ``"params"`` and any
+        hyperparameter of this rule to override, ``"lr"`` being an alias of
+        ``"learning_rate"``).
+    learning_rate : float or 0-d Tensor
+        Step size :math:`\eta >= 0`. A tensor is read at every step, so changing it in
+        place changes the next step.
+    engine : {"foreach", "reference"}, optional
+        How the formula runs: many tensors per kernel (default) or one tensor at a time.
+    state_dtype : torch.dtype, optional
+        Keep state (and the arithmetic) in this dtype, e.g. ``torch.float32`` for
+        bfloat16 parameters. Default: the parameter's dtype.
+
+    Returns
+    -------
+    Optimizer
+        A ``torch.optim.Optimizer``. Sparse gradients are accepted.
+
+    References
+    ----------
+    .. [1] Robbins, H. and Monro, S. (1951): A stochastic approximation method.
+       The Annals of Mathematical Statistics, 22(3):400-407.
+    """
+    return Optimizer(params, SGD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate)
+
+
+def momentum(
+    params: ParamsT,
+    learning_rate: Scalar,
+    momentum: Scalar = 0.9,
+    *,
+    engine: str = "foreach",
+    state_dtype: torch.dtype | None = None,
+) -> Optimizer:
+    r"""SGD with (heavy-ball) momentum: :func:`sgd` followed by :func:`apply_momentum`.
+
+    With :math:`u = p - \eta g` the plain SGD proposal and :math:`\mu` the momentum:
+
+    .. math::
+        x &= \mu v + u \\
+        v &\leftarrow x - p \\
+        p &\leftarrow x
+
+    so that :math:`v \leftarrow \mu v - \eta g` and :math:`p \leftarrow p + v`.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or of dict
+        Parameters or param groups, as for :func:`sgd`.
+    learning_rate : float or 0-d Tensor
+        Step size :math:`\eta >= 0`.
+    momentum : float or 0-d Tensor, optional
+        :math:`\mu` in [0, 1). Higher momentum smooths over more steps and also makes the
+        steps larger; scaling the learning rate by ``1 - momentum`` compensates.
+        Default 0.9.
+    engine, state_dtype
+        As for :func:`sgd`.
+
+    Returns
+    -------
+    Optimizer
+        State per parameter: ``velocity``.
+
+    References
+    ----------
+    .. [1] Polyak, B. T. (1964): Some methods of speeding up the convergence of iteration
+       methods. USSR Computational Mathematics and Mathematical Physics, 4(5):1-17.
+    """
+    base = Optimizer(params, SGD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate)
+    return base.compose(MOMENTUM, None, momentum=momentum)
+
+
+def nesterov_momentum(
+    params: ParamsT,
+    learning_rate: Scalar,
+    momentum: Scalar = 0.9,
+    *,
+    engine: str = "foreach",
+    state_dtype: torch.dtype | None = None,
+) -> Optimizer:
+    r"""SGD with Nesterov momentum: :func:`sgd` followed by :func:`apply_nesterov_momentum`.
+
+    With :math:`u = p - \eta g` the plain SGD proposal:
+
+    .. math::
+        x &= \mu v + u - p \\
+        v &\leftarrow x \\
+        p &\leftarrow \mu x + u
+
+    so that :math:`v \leftarrow \mu v - \eta g` and :math:`p \leftarrow p + \mu v - \eta g`.
+    This is the reformulation that evaluates the gradient at the current parameters
+    rather than at the look-ahead point [2]_.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or of dict
+        Parameters or param groups, as for :func:`sgd`.
+    learning_rate : float or 0-d Tensor
+        Step size :math:`\eta >= 0`.
+    momentum : float or 0-d Tensor, optional
+        :math:`\mu` in [0, 1). Default 0.9.
+    engine, state_dtype
+        As for :func:`sgd`.
+
+    Returns
+    -------
+    Optimizer
+        State per parameter: ``velocity``.
+
+    References
+    ----------
+    .. [1] Nesterov, Y. (1983): A method for unconstrained convex minimization problem
+       with the rate of convergence O(1/k^2). Doklady AN SSSR, 269:543-547.
+    .. [2] Bengio, Y., Boulanger-Lewandowski, N. and Pascanu, R. (2013): Advances in
+       optimizing recurrent networks. ICASSP 2013, arXiv:1212.0901.
+    """
+    base = Optimizer(params, SGD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate)
+    return base.compose(NESTEROV_MOMENTUM, None, momentum=momentum)
+
+
+def adagrad(
+    params: ParamsT,
+    learning_rate: Scalar = 1.0,
+    epsilon: Scalar = 1e-6,
+    *,
+    engine: str = "foreach",
+    state_dtype: torch.dtype | None = None,
+) -> Optimizer:
+    r"""Adagrad: per-element step sizes shrinking with the accumulated squared gradients.
+
+    .. math::
+        a &\leftarrow a + g^2 \\
+        p &\leftarrow p - \frac{\eta\, g}{\sqrt{a + \epsilon}}
+
+    :math:`\epsilon` sits inside the square root (as in the specification; torch.optim
+    adds it outside). The effective step size only ever decreases.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or of dict
+        Parameters or param groups, as for :func:`sgd`.
+    learning_rate : float or 0-d Tensor, optional
+        :math:`\eta >= 0`. Default 1.0.
+    epsilon : float or 0-d Tensor, optional
+        :math:`\epsilon >= 0`, for numerical stability. Default 1e-6.
+    engine, state_dtype
+        As for :func:`sgd`.
+
+    Returns
+    -------
+    Optimizer
+        State per parameter: ``accu`` (:math:`a`).
+
+    References
+    ----------
+    .. [1] Duchi, J., Hazan, E. and Singer, Y. (2011): Adaptive subgradient methods for
+       online learning and stochastic optimization. JMLR, 12:2121-2159.
+    .. [2] Dyer, C.: Notes on AdaGrad. http://www.ark.cs.cmu.edu/cdyer/adagrad.pdf
+    """
+    return Optimizer(params, ADAGRAD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate, epsilon=epsilon
+    )
+
+
+def rmsprop(
+    params: ParamsT,
+    learning_rate: Scalar = 1.0,
+    rho: Scalar = 0.9,
+    epsilon: Scalar = 1e-6,
+    *,
+    engine: str = "foreach",
+    state_dtype: torch.dtype | None = None,
+) -> Optimizer:
+    r"""RMSProp: divide the step by a moving root mean square of the gradients.
+
+    .. math::
+        a &\leftarrow \rho a + (1 - \rho) g^2 \\
+        p &\leftarrow p - \frac{\eta\, g}{\sqrt{a + \epsilon}}
+
+    Parameters
+    ----------
+    params : iterable of Tensor or of dict
+        Parameters or param groups, as for :func:`sgd`.
+    learning_rate : float or 0-d Tensor, optional
+        :math:`\eta >= 0`. Default 1.0.
+    rho : float or 0-d Tensor, optional
+        Decay :math:`\rho` in [0, 1) of the moving average: near 1 it forgets slowly.
+        Default 0.9.
+    epsilon : float or 0-d Tensor, optional
+        :math:`\epsilon >= 0`, inside the square root. Default 1e-6.
+    engine, state_dtype
+        As for :func:`sgd`.
+
+    Returns
+    -------
+    Optimizer
+        State per parameter: ``accu`` (:math:`a`).
+
+    References
+    ----------
+    .. [1] Tieleman, T. and Hinton, G. (2012): Neural Networks for Machine Learning,
+       Lecture 6.5 - rmsprop. Coursera.
+    """
+    return Optimizer(params, RMSPROP, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate,
+        rho=rho,
+        epsilon=epsilon,
+    )
+
+
+def adadelta(
+    params: ParamsT,
+    learning_rate: Scalar = 1.0,
+    rho: Scalar = 0.95,
+    epsilon: Scalar = 1e-6,
+    *,
+    engine: str = "foreach",
+    state_dtype: torch.dtype | None = None,
+) -> Optimizer:
+    r"""Adadelta: step sizes from the ratio of past update and gradient magnitudes.
+
+    .. math::
+        a &\leftarrow \rho a + (1 - \rho) g^2 \\
+        d &= g \frac{\sqrt{s + \epsilon}}{\sqrt{a + \epsilon}} \\
+        p &\leftarrow p - \eta\, d \\
+        s &\leftarrow \rho s + (1 - \rho) d^2
+
+    :math:`d` uses the *previous* :math:`s`. The paper has no learning rate
+    (:math:`\eta = 1`); :math:`\epsilon` makes the very first step non-zero.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or of dict
+        Parameters or param groups, as for :func:`sgd`.
+    learning_rate : float or 0-d Tensor, optional
+        :math:`\eta >= 0`. Default 1.0.
+    rho : float or 0-d Tensor, optional
+        Decay :math:`\rho` in [0, 1). Default 0.95, as suggested in the paper.
+    epsilon : float or 0-d Tensor, optional
+        :math:`\epsilon >= 0`. Default 1e-6.
+    engine, state_dtype
+        As for :func:`sgd`.
+
+    Returns
+    -------
+    Optimizer
+        State per parameter: ``accu`` (:math:`a`) and ``delta_accu`` (:math:`s`).
+
+    References
+    ----------
+    .. [1] Zeiler, M. D. (2012): ADADELTA: An adaptive learning rate method.
+       arXiv:1212.5701.
+    """
+    return Optimizer(params, ADADELTA, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate,
+        rho=rho,
+        epsilon=epsilon,
+    )
+
+
+def adam(
+    params: ParamsT,
+    learning_rate: Scalar = 0.001,
+    beta1: Scalar = 0.9,
+    beta2: Scalar = 0.999,
+    epsilon: Scalar = 1e-8,
+    *,
+    engine: str = "foreach",
+    state_dtype: torch.dtype | None = None,
+) -> Optimizer:
+    r"""Adam: steps from bias-corrected moving moments of the gradient.
+
+    With :math:`t` the 1-based step number:
+
+    .. math::
+        \alpha &= \eta \sqrt{1 - \beta_2^t} / (1 - \beta_1^t) \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g \\
+        v &\leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        p &\leftarrow p - \frac{\alpha\, m}{\sqrt{v} + \epsilon}
+
+    This is the paper's "efficient" form: :math:`\epsilon` is added to
+    :math:`\sqrt{v}`, not to the bias-corrected :math:`\sqrt{\hat v}` as torch.optim does.
+    The paper's :math:`\lambda` (only needed for a convergence proof) is omitted.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or of dict
+        Parameters or param groups, as for :func:`sgd`.
+    learning_rate : float or 0-d Tensor, optional
+        :math:`\eta >= 0`. Default 0.001.
+    beta1 : float or 0-d Tensor, optional
+        Decay :math:`\beta_1` in [0, 1) of the first-moment estimate. Default 0.9.
+    beta2 : float or 0-d Tensor, optional
+        Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
+    epsilon : float or 0-d Tensor, optional
+        :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
+    engine, state_dtype
+        As for :func:`sgd`.
+
+    Returns
+    -------
+    Optimizer
+        State per parameter: ``step`` (0-d int64), ``m`` and ``v``.
+
+    References
+    ----------
+    .. [1] Kingma, D. P. and Ba, J. (2014): Adam: A method for stochastic optimization.
+       arXiv:1412.6980.
+    """
+    return Optimizer(params, ADAM, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate,
+        beta1=beta1,
+        beta2=beta2,
+        epsilon=epsilon,
+    )
+
+
+def adamax(
+    params: ParamsT,
+    learning_rate: Scalar = 0.002,
+    beta1: Scalar = 0.9,
+    beta2: Scalar = 0.999,
+    epsilon: Scalar = 1e-8,
+    *,
+    engine: str = "foreach",
+    state_dtype: torch.dtype | None = None,
+) -> Optimizer:
+    r"""Adamax: the Adam variant based on the infinity norm.
+
+    .. math::
+        \alpha &= \eta / (1 - \beta_1^t) \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g \\
+        u &\leftarrow \max(\beta_2 u, |g|) \\
+        p &\leftarrow p - \frac{\alpha\, m}{u + \epsilon}
+
+    Parameters
+    ----------
+    params : iterable of Tensor or of dict
+        Parameters or param groups, as for :func:`sgd`.
+    learning_rate : float or 0-d Tensor, optional
+        :math:`\eta >= 0`. Default 0.002.
+    beta1 : float or 0-d Tensor, optional
+        Decay :math:`\beta_1` in [0, 1) of the first-moment estimate. Default 0.9.
+    beta2 : float or 0-d Tensor, optional
+        Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
+    epsilon : float or 0-d Tensor, optional
+        :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
+    engine, state_dtype
+        As for :func:`sgd`.
+
+    Returns
+    -------
+    Optimizer
+        State per parameter: ``step`` (0-d int64), ``m`` and ``u``.
+
+    References
+    ----------
+    .. [1] Kingma, D. P. and Ba, J. (2014): Adam: A method for stochastic optimization.
+       arXiv:1412.6980, section 7.1.
+    """
+    return Optimizer(params, ADAMAX, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate,
+        beta1=beta1,
+        beta2=beta2,
+        epsilon=epsilon,
+    )
+
+
+def amsgrad(
+    params: ParamsT,
+    learning_rate: Scalar = 0.001,
+    beta1: Scalar = 0.9,
+    beta2: Scalar = 0.999,
+    epsilon: Scalar = 1e-8,
+    *,
+    engine: str = "foreach",
+    state_dtype: torch.dtype | None = None,
+) -> Optimizer:
+    r"""AMSGrad: Adam whose step uses the running maximum of the second moment.
+
+    .. math::
+        \alpha &= \eta \sqrt{1 - \beta_2^t} / (1 - \beta_1^t) \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g \\
+        v &\leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        \hat v &\leftarrow \max(\hat v, v) \\
+        p &\leftarrow p - \frac{\alpha\, m}{\sqrt{\hat v} + \epsilon}
+
+    Parameters
+    ----------
+    params : iterable of Tensor or of dict
+        Parameters or param groups, as for :func:`sgd`.
+    learning_rate : float or 0-d Tensor, optional
+        :math:`\eta >= 0`. Default 0.001.
+    beta1 : float or 0-d Tensor, optional
+        Decay :math:`\beta_1` in [0, 1) of the first-moment estimate. Default 0.9.
+    beta2 : float or 0-d Tensor, optional
+        Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
+    epsilon : float or 0-d Tensor, optional
+        :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
+    engine, state_dtype
+        As for :func:`sgd`.
+
+    Returns
+    -------
+    Optimizer
+        State per parameter: ``step`` (0-d int64), ``m``, ``v`` and ``v_hat``.
+
+    References
+    ----------
+    .. [1] Reddi, S. J., Kale, S. and Kumar, S. (2018): On the convergence of Adam and
+       beyond. ICLR 2018. https://openreview.net/forum?id=ryQu7f-RZ
+    """
+    return Optimizer(params, AMSGRAD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate,
+        beta1=beta1,
+        beta2=beta2,
+        epsilon=epsilon,
+    )

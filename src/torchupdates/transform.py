@@ -1,0 +1,135 @@
+"""What an update rule or a modifier is: its hyperparameters, its state and its formula.
+
+A :class:`Transform` is pure data plus one function. A *rule* maps gradients to proposed
+parameter values; a *modifier* maps proposed values to new proposed values (momentum).
+The :class:`~torchupdates.Optimizer` chains one rule and any number of modifiers, and an
+engine decides how the formulas run (one tensor at a time, or many tensors per kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._math import Value
+
+Formula = Callable[..., "tuple[Value, dict[str, Value]]"]
+"""``formula(param, incoming, state, t, **hyperparameters) -> (proposal, new_state)``.
+
+``incoming`` is the gradient for a rule and the proposal of the previous stage for a
+modifier. ``state`` maps the transform's state names to their current values, ``t`` is the
+1-based step number (``None`` for transforms that do not count steps).
+"""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of a hyperparameter: ``low <= x`` and ``x < high`` (or ``<=``)."""
+
+    low: float = 0.0
+    high: float = math.inf
+    high_inclusive: bool = False
+
+    def contains(self, x: float) -> bool:
+        if not self.low <= x:  # also rejects NaN
+            return False
+        return x <= self.high if self.high_inclusive else x < self.high
+
+    def describe(self) -> str:
+        if math.isinf(self.high):
+            return f">= {self.low:g}"
+        closing = "]" if self.high_inclusive else ")"
+        return f"in [{self.low:g}, {self.high:g}{closing}"
+
+
+NON_NEGATIVE = Bound()
+UNIT_INTERVAL = Bound(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A named hyperparameter with its default (``None``: the caller must give it)."""
+
+    name: str
+    default: float | None
+    bound: Bound
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One rule or modifier.
+
+    Attributes
+    ----------
+    name : str
+        The public name, e.g. ``"adam"`` or ``"apply_momentum"``.
+    hyperparameters : tuple of Hyperparameter
+        Keyword names of ``formula`` with defaults and allowed ranges.
+    state : tuple of str
+        Per-parameter state tensors, zero-initialised, shaped like the parameter.
+    formula : Formula
+        The math, written once for tensors and tensor lists alike.
+    counts_steps : bool
+        Whether the formula needs the step number ``t`` (bias corrections).
+    accepts_sparse : bool
+        Whether sparse gradients may be used (they are densified; the math is unchanged).
+    """
+
+    name: str
+    hyperparameters: tuple[Hyperparameter, ...]
+    state: tuple[str, ...]
+    formula: Formula
+    counts_steps: bool = False
+    accepts_sparse: bool = False
+
+
+def check_hyperparameter(owner: str, spec: Hyperparameter, value: Any) -> None:
+    """Raise a clear error unless ``value`` is a valid value for ``spec``.
+
+    Valid values are real Python numbers and real floating-point 0-d tensors inside the
+    hyperparameter's range. A tensor is read (not copied), so its later in-place changes
+    are seen by the next step.
+    """
+    where = f"{owner}: {spec.name}"
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{where} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{where} must be a real floating-point tensor, got dtype {value.dtype}")
+        if value.requires_grad:
+            raise ValueError(f"{where} must not require grad")
+        if value.device.type == "meta":
+            return
+        number = float(value)
+    elif isinstance(value, Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"{where} must be a real number or a 0-d tensor, got {type(value).__name__}")
+    if not spec.bound.contains(number):
+        raise ValueError(f"{where} must be {spec.bound.describe()}, got {number!r}")
+
+
+def defaults_of(transform: Transform, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge keyword values given by the caller over the transform's defaults, checked."""
+    values: dict[str, Any] = {}
+    for spec in transform.hyperparameters:
+        value = given.get(spec.name, spec.default)
+        if value is None:
+            raise TypeError(f"{transform.name}: missing required hyperparameter {spec.name!r}")
+        check_hyperparameter(transform.name, spec, value)
+        values[spec.name] = value
+    unknown = set(given) - {spec.name for spec in transform.hyperparameters}
+    if unknown:
+        raise TypeError(f"{transform.name}: unknown hyperparameter(s) {sorted(unknown)}")
+    return values
+
+
+def zero_state(param: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A zero tensor shaped and placed like ``param`` (its dtype unless told otherwise)."""
+    return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
