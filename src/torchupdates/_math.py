@@ -8,15 +8,19 @@ hyperparameters that may be Python numbers or 0-d tensors.
 from __future__ import annotations
 
 import math
-from typing import TypeVar, Union, overload
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import Tensor
 
 from ._tensorlist import TensorList
 
-Value = Union[Tensor, TensorList]
+Value = Tensor | TensorList
 """What a formula computes on: one tensor, or many tensors at once."""
+
+Array = Any
+"""How formulas annotate a :data:`Value`. Python's typing cannot say "the same kind in and
+out" through reflected operators (``0.9 * x``), so formulas are checked by tests instead."""
 
 V = TypeVar("V", Tensor, TensorList)
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from numbers import Real
-from typing import Union
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
 
-Scalar = Union[float, int, Tensor]
+Scalar = float | int | Tensor
 """A hyperparameter or coefficient: a Python number or a 0-d tensor."""
 
 
-def _is_scalar(value: object) -> bool:
+def _is_scalar(value: object) -> TypeGuard[float | Tensor]:
     if isinstance(value, Tensor):
         return value.dim() == 0
     return isinstance(value, Real) and not isinstance(value, bool)
@@ -44,7 +44,7 @@ class TensorList:
         if isinstance(other, TensorList):
             return TensorList(torch._foreach_add(self.tensors, other.tensors))
         if _is_scalar(other):
-            return TensorList(torch._foreach_add(self.tensors, other))  # type: ignore[arg-type]
+            return TensorList(torch._foreach_add(self.tensors, other))
         return NotImplemented
 
     __radd__ = __add__  # IEEE addition is commutative
@@ -55,21 +55,21 @@ class TensorList:
         if isinstance(other, Tensor) and other.dim() == 0:
             # No Tensor overload of _foreach_sub; x - s and x + (-s) are the same IEEE result.
             return TensorList(torch._foreach_add(self.tensors, -other))
-        if _is_scalar(other):
-            return TensorList(torch._foreach_sub(self.tensors, other))  # type: ignore[arg-type]
+        if _is_scalar(other) and not isinstance(other, Tensor):
+            return TensorList(torch._foreach_sub(self.tensors, other))
         return NotImplemented
 
     def __rsub__(self, other: object) -> TensorList:
         if _is_scalar(other):
             # s - x is defined by IEEE as s + (-x); negation is exact.
-            return TensorList(torch._foreach_add(torch._foreach_neg(self.tensors), other))  # type: ignore[arg-type]
+            return TensorList(torch._foreach_add(torch._foreach_neg(self.tensors), other))
         return NotImplemented
 
     def __mul__(self, other: object) -> TensorList:
         if isinstance(other, TensorList):
             return TensorList(torch._foreach_mul(self.tensors, other.tensors))
         if _is_scalar(other):
-            return TensorList(torch._foreach_mul(self.tensors, other))  # type: ignore[arg-type]
+            return TensorList(torch._foreach_mul(self.tensors, other))
         return NotImplemented
 
     __rmul__ = __mul__  # IEEE multiplication is commutative
@@ -78,7 +78,7 @@ class TensorList:
         if isinstance(other, TensorList):
             return TensorList(torch._foreach_div(self.tensors, other.tensors))
         if _is_scalar(other):
-            return TensorList(torch._foreach_div(self.tensors, other))  # type: ignore[arg-type]
+            return TensorList(torch._foreach_div(self.tensors, other))
         return NotImplemented
 
     def __neg__(self) -> TensorList:

@@ -36,8 +36,7 @@ def apply_updates(updates: Mapping[Tensor, Tensor]) -> None:
     for target, value in updates.items():
         if not isinstance(target, Tensor) or not isinstance(value, Tensor):
             raise TypeError(
-                "update dictionaries map tensors to tensors, got "
-                f"{type(target).__name__} -> {type(value).__name__}"
+                f"update dictionaries map tensors to tensors, got {type(target).__name__} -> {type(value).__name__}"
             )
         if value.shape != target.shape:
             raise ValueError(

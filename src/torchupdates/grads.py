@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,13 +36,13 @@ def compute_grads(loss: Tensor, params: Sequence[Tensor], names: Sequence[str] |
         raise ValueError(f"the loss must be a scalar tensor, got shape {tuple(loss.shape)}")
     if loss.is_complex():
         raise TypeError("the loss must be real, got a complex tensor")
-    for name, param in zip(names, params):
+    for name, param in zip(names, params, strict=True):
         if not param.requires_grad:
             raise ValueError(f"{name} does not require grad, so no gradient can be computed for it")
     if not loss.requires_grad:
         raise ValueError("the loss does not require grad: it does not depend on any parameter")
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-    for name, grad in zip(names, grads):
+    for name, grad in zip(names, grads, strict=True):
         if grad is None:
             raise ValueError(f"the loss does not depend on {name}")
     return [g for g in grads if g is not None]

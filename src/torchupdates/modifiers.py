@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
-from ._math import Value
+from ._math import Array
 from ._tensorlist import Scalar
 from .optimizer import Optimizer
 from .transform import UNIT_INTERVAL, Hyperparameter, Transform
@@ -15,29 +15,25 @@ __all__ = ["apply_momentum", "apply_nesterov_momentum"]
 
 
 def _momentum(
-    param: Value, proposal: Value, state: dict[str, Value], t: None, *, momentum: Scalar
-) -> tuple[Value, dict[str, Value]]:
+    param: Array, proposal: Array, state: dict[str, Array], t: None, *, momentum: Scalar
+) -> tuple[Array, dict[str, Array]]:
     x = momentum * state["velocity"] + proposal
     return x, {"velocity": x - param}
 
 
 def _nesterov_momentum(
-    param: Value, proposal: Value, state: dict[str, Value], t: None, *, momentum: Scalar
-) -> tuple[Value, dict[str, Value]]:
+    param: Array, proposal: Array, state: dict[str, Array], t: None, *, momentum: Scalar
+) -> tuple[Array, dict[str, Array]]:
     x = momentum * state["velocity"] + proposal - param
     return momentum * x + proposal, {"velocity": x}
 
 
 _MOMENTUM_HYPERPARAMETERS = (Hyperparameter("momentum", 0.9, UNIT_INTERVAL),)
 MOMENTUM = Transform("apply_momentum", _MOMENTUM_HYPERPARAMETERS, ("velocity",), _momentum)
-NESTEROV_MOMENTUM = Transform(
-    "apply_nesterov_momentum", _MOMENTUM_HYPERPARAMETERS, ("velocity",), _nesterov_momentum
-)
+NESTEROV_MOMENTUM = Transform("apply_nesterov_momentum", _MOMENTUM_HYPERPARAMETERS, ("velocity",), _nesterov_momentum)
 
 
-def apply_momentum(
-    optimizer: Optimizer, params: Iterable[Tensor] | None = None, momentum: Scalar = 0.9
-) -> Optimizer:
+def apply_momentum(optimizer: Optimizer, params: Iterable[Tensor] | None = None, momentum: Scalar = 0.9) -> Optimizer:
     r"""Add (heavy-ball) momentum to any update rule.
 
     With :math:`u` the value the wrapped optimizer proposes for parameter :math:`p`:

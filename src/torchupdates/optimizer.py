@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,10 +17,10 @@ from .transform import Transform, check_hyperparameter, defaults_of, zero_state
 
 __all__ = ["Optimizer", "ParamsT"]
 
-ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 """Parameters: tensors, or param-group dicts with ``"params"`` and hyperparameter overrides."""
 
-LossOrGrads = Union[Tensor, Sequence[Union[Tensor, None]], Callable[[], Any], None]
+LossOrGrads = Tensor | Sequence[Tensor | None] | Callable[[], Any] | None
 """What a step takes: a scalar loss, one gradient per parameter, a closure, or ``None``."""
 
 _ALIASES = {"learning_rate": "lr"}  # torch's schedulers read and write group["lr"]
@@ -36,7 +36,9 @@ def _free_key(name: str, taken: Iterable[str]) -> str:
     return f"{name}_{suffix}"
 
 
-def _make_stage(transform: Transform, taken_hyper: Iterable[str], taken_state: Iterable[str], members: frozenset[int] | None) -> Stage:
+def _make_stage(
+    transform: Transform, taken_hyper: Iterable[str], taken_state: Iterable[str], members: frozenset[int] | None
+) -> Stage:
     taken_hyper, taken_state = set(taken_hyper), set(taken_state)
     hyper_keys: dict[str, str] = {}
     for spec in transform.hyperparameters:
@@ -189,9 +191,7 @@ class Optimizer(torch.optim.Optimizer):
     def _check_group(self, group: Mapping[str, Any], index: int) -> None:
         for stage in self._stages:
             for spec in stage.transform.hyperparameters:
-                check_hyperparameter(
-                    f"{self.rule_name}, param group {index}", spec, group[stage.hyper_keys[spec.name]]
-                )
+                check_hyperparameter(f"{self.rule_name}, param group {index}", spec, group[stage.hyper_keys[spec.name]])
 
     def _check_options(self) -> None:
         if self.engine not in ENGINES:
@@ -255,7 +255,7 @@ class Optimizer(torch.optim.Optimizer):
             pairs = ENGINES[self.engine](self._stages, slots, hyperparameters)
         return OrderedDict(pairs)
 
-    def step(self, loss_or_grads: LossOrGrads = None) -> Any:  # type: ignore[override]
+    def step(self, loss_or_grads: LossOrGrads = None) -> Any:
         """Update every parameter that has a gradient: ``apply_updates(self.updates(x))``.
 
         Parameters
@@ -285,7 +285,7 @@ class Optimizer(torch.optim.Optimizer):
         grads = self._gradients(loss_or_grads, flat)
         checked = [
             (position, group, param, self._checked_grad(position, group, param, grad))
-            for position, ((group, param), grad) in enumerate(zip(flat, grads))
+            for position, ((group, param), grad) in enumerate(zip(flat, grads, strict=True))
             if grad is not None and param.requires_grad
         ]
         return [self._slot(position, group, param, grad) for position, group, param, grad in checked]
@@ -298,7 +298,7 @@ class Optimizer(torch.optim.Optimizer):
             grads = compute_grads(
                 loss_or_grads, [p for _, _, p in trainable], [describe(i, p, g) for i, g, p in trainable]
             )
-            by_position: dict[int, Tensor] = {i: grad for (i, _, _), grad in zip(trainable, grads)}
+            by_position: dict[int, Tensor] = {i: grad for (i, _, _), grad in zip(trainable, grads, strict=True)}
             return [by_position.get(i) for i in range(len(flat))]
         if isinstance(loss_or_grads, (list, tuple)):
             if len(loss_or_grads) != len(flat):
@@ -369,7 +369,7 @@ class Optimizer(torch.optim.Optimizer):
             for group in self.param_groups
         ]
         super().load_state_dict(state_dict)
-        for group, tensors in zip(self.param_groups, held):
+        for group, tensors in zip(self.param_groups, held, strict=True):
             for key, tensor in tensors.items():
                 loaded = group.get(key)
                 if isinstance(loaded, (Tensor, int, float)) and not isinstance(loaded, bool):
@@ -379,7 +379,7 @@ class Optimizer(torch.optim.Optimizer):
         flat = [p for group in self.param_groups for p in group["params"]]
         saved_positions = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         counters = {stage.step_key for stage in self._stages}
-        for saved_id, param in zip(saved_positions, flat):
+        for saved_id, param in zip(saved_positions, flat, strict=True):
             saved = state_dict["state"].get(saved_id)
             work_dtype = self._work_dtype(param)
             if saved is None or work_dtype == param.dtype or param.is_complex():

@@ -9,25 +9,25 @@ from __future__ import annotations
 
 import torch
 
-from ._math import Value, maximum, sqrt, square
+from ._math import Array, maximum, sqrt, square
 from ._tensorlist import Scalar
 from .modifiers import MOMENTUM, NESTEROV_MOMENTUM
 from .optimizer import Optimizer, ParamsT
 from .transform import NON_NEGATIVE, UNIT_INTERVAL, Hyperparameter, Transform
 
 __all__ = [
-    "sgd",
-    "momentum",
-    "nesterov_momentum",
-    "adagrad",
-    "rmsprop",
     "adadelta",
+    "adagrad",
     "adam",
     "adamax",
     "amsgrad",
+    "momentum",
+    "nesterov_momentum",
+    "rmsprop",
+    "sgd",
 ]
 
-State = dict[str, Value]
+State = dict[str, Array]
 
 
 def _learning_rate(default: float | None) -> Hyperparameter:
@@ -42,27 +42,27 @@ def _decay(name: str, default: float) -> Hyperparameter:
     return Hyperparameter(name, default, UNIT_INTERVAL)
 
 
-def _sgd(param: Value, grad: Value, state: State, t: None, *, learning_rate: Scalar) -> tuple[Value, State]:
+def _sgd(param: Array, grad: Array, state: State, t: None, *, learning_rate: Scalar) -> tuple[Array, State]:
     return param - learning_rate * grad, {}
 
 
 def _adagrad(
-    param: Value, grad: Value, state: State, t: None, *, learning_rate: Scalar, epsilon: Scalar
-) -> tuple[Value, State]:
+    param: Array, grad: Array, state: State, t: None, *, learning_rate: Scalar, epsilon: Scalar
+) -> tuple[Array, State]:
     accu = state["accu"] + square(grad)
     return param - learning_rate * grad / sqrt(accu + epsilon), {"accu": accu}
 
 
 def _rmsprop(
-    param: Value, grad: Value, state: State, t: None, *, learning_rate: Scalar, rho: Scalar, epsilon: Scalar
-) -> tuple[Value, State]:
+    param: Array, grad: Array, state: State, t: None, *, learning_rate: Scalar, rho: Scalar, epsilon: Scalar
+) -> tuple[Array, State]:
     accu = rho * state["accu"] + (1 - rho) * square(grad)
     return param - learning_rate * grad / sqrt(accu + epsilon), {"accu": accu}
 
 
 def _adadelta(
-    param: Value, grad: Value, state: State, t: None, *, learning_rate: Scalar, rho: Scalar, epsilon: Scalar
-) -> tuple[Value, State]:
+    param: Array, grad: Array, state: State, t: None, *, learning_rate: Scalar, rho: Scalar, epsilon: Scalar
+) -> tuple[Array, State]:
     accu = rho * state["accu"] + (1 - rho) * square(grad)
     delta = grad * sqrt(state["delta_accu"] + epsilon) / sqrt(accu + epsilon)
     delta_accu = rho * state["delta_accu"] + (1 - rho) * square(delta)
@@ -70,8 +70,8 @@ def _adadelta(
 
 
 def _adam(
-    param: Value,
-    grad: Value,
+    param: Array,
+    grad: Array,
     state: State,
     t: int,
     *,
@@ -79,7 +79,7 @@ def _adam(
     beta1: Scalar,
     beta2: Scalar,
     epsilon: Scalar,
-) -> tuple[Value, State]:
+) -> tuple[Array, State]:
     a = learning_rate * sqrt(1 - beta2**t) / (1 - beta1**t)
     m = beta1 * state["m"] + (1 - beta1) * grad
     v = beta2 * state["v"] + (1 - beta2) * square(grad)
@@ -87,8 +87,8 @@ def _adam(
 
 
 def _adamax(
-    param: Value,
-    grad: Value,
+    param: Array,
+    grad: Array,
     state: State,
     t: int,
     *,
@@ -96,7 +96,7 @@ def _adamax(
     beta1: Scalar,
     beta2: Scalar,
     epsilon: Scalar,
-) -> tuple[Value, State]:
+) -> tuple[Array, State]:
     a = learning_rate / (1 - beta1**t)
     m = beta1 * state["m"] + (1 - beta1) * grad
     u = maximum(beta2 * state["u"], abs(grad))
@@ -104,8 +104,8 @@ def _adamax(
 
 
 def _amsgrad(
-    param: Value,
-    grad: Value,
+    param: Array,
+    grad: Array,
     state: State,
     t: int,
     *,
@@ -113,7 +113,7 @@ def _amsgrad(
     beta1: Scalar,
     beta2: Scalar,
     epsilon: Scalar,
-) -> tuple[Value, State]:
+) -> tuple[Array, State]:
     a = learning_rate * sqrt(1 - beta2**t) / (1 - beta1**t)
     m = beta1 * state["m"] + (1 - beta1) * grad
     v = beta2 * state["v"] + (1 - beta2) * square(grad)
@@ -305,7 +305,8 @@ def adagrad(
        online learning and stochastic optimization. JMLR, 12:2121-2159.
     .. [2] Dyer, C.: Notes on AdaGrad. http://www.ark.cs.cmu.edu/cdyer/adagrad.pdf
     """
-    return Optimizer(params, ADAGRAD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate, epsilon=epsilon
+    return Optimizer(
+        params, ADAGRAD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate, epsilon=epsilon
     )
 
 
@@ -348,7 +349,12 @@ def rmsprop(
     .. [1] Tieleman, T. and Hinton, G. (2012): Neural Networks for Machine Learning,
        Lecture 6.5 - rmsprop. Coursera.
     """
-    return Optimizer(params, RMSPROP, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate,
+    return Optimizer(
+        params,
+        RMSPROP,
+        engine=engine,
+        state_dtype=state_dtype,
+        learning_rate=learning_rate,
         rho=rho,
         epsilon=epsilon,
     )
@@ -397,7 +403,12 @@ def adadelta(
     .. [1] Zeiler, M. D. (2012): ADADELTA: An adaptive learning rate method.
        arXiv:1212.5701.
     """
-    return Optimizer(params, ADADELTA, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate,
+    return Optimizer(
+        params,
+        ADADELTA,
+        engine=engine,
+        state_dtype=state_dtype,
+        learning_rate=learning_rate,
         rho=rho,
         epsilon=epsilon,
     )
@@ -452,7 +463,12 @@ def adam(
     .. [1] Kingma, D. P. and Ba, J. (2014): Adam: A method for stochastic optimization.
        arXiv:1412.6980.
     """
-    return Optimizer(params, ADAM, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate,
+    return Optimizer(
+        params,
+        ADAM,
+        engine=engine,
+        state_dtype=state_dtype,
+        learning_rate=learning_rate,
         beta1=beta1,
         beta2=beta2,
         epsilon=epsilon,
@@ -502,7 +518,12 @@ def adamax(
     .. [1] Kingma, D. P. and Ba, J. (2014): Adam: A method for stochastic optimization.
        arXiv:1412.6980, section 7.1.
     """
-    return Optimizer(params, ADAMAX, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate,
+    return Optimizer(
+        params,
+        ADAMAX,
+        engine=engine,
+        state_dtype=state_dtype,
+        learning_rate=learning_rate,
         beta1=beta1,
         beta2=beta2,
         epsilon=epsilon,
@@ -553,7 +574,12 @@ def amsgrad(
     .. [1] Reddi, S. J., Kale, S. and Kumar, S. (2018): On the convergence of Adam and
        beyond. ICLR 2018. https://openreview.net/forum?id=ryQu7f-RZ
     """
-    return Optimizer(params, AMSGRAD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate,
+    return Optimizer(
+        params,
+        AMSGRAD,
+        engine=engine,
+        state_dtype=state_dtype,
+        learning_rate=learning_rate,
         beta1=beta1,
         beta2=beta2,
         epsilon=epsilon,

@@ -78,7 +78,7 @@ def run_chain(
     """
     incoming = grad
     new_state: dict[str, Value] = {}
-    for stage, hp, t, acts in zip(stages, hyperparameters, steps, applies):
+    for stage, hp, t, acts in zip(stages, hyperparameters, steps, applies, strict=True):
         if not acts:
             continue
         local = {name: state[key] for name, key in stage.state_keys.items()}
@@ -111,7 +111,7 @@ def pairs_for_slot(
     for key, value in new_state.items():
         target = slot.state[key]
         pairs.append((target, from_work(value, target)))
-    for stage, t in zip(stages, slot.steps):
+    for stage, t in zip(stages, slot.steps, strict=True):
         if stage.step_key is not None and t is not None:
             counter = slot.counters[stage.step_key]
             pairs.append((counter, torch.full_like(counter, t)))

@@ -48,7 +48,7 @@ def propose_foreach(
         )
         proposals = cast(TensorList, proposal).tensors
         states = {key: cast(TensorList, value).tensors for key, value in new_state.items()}
-        for position, (i, slot) in enumerate(zip(indices, members)):
+        for position, (i, slot) in enumerate(zip(indices, members, strict=True)):
             slot_state = {key: values[position] for key, values in states.items()}
             per_slot[i] = pairs_for_slot(stages, slot, proposals[position], slot_state)
     return [pair for pairs in per_slot for pair in pairs]
