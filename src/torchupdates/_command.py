@@ -1,0 +1,52 @@
+"""What a command-line command is: a name, its options and a function that runs it.
+
+:mod:`torchupdates.cli` lists the commands; each lives in its own module (``compare`` in
+:mod:`torchupdates.compare`) and describes itself with a :class:`Command`, so a new
+command (a step benchmark, say) is one module plus one line in the list.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Command", "CommandError", "MissingDependencyError"]
+
+
+class CommandError(Exception):
+    """A problem with what the user asked for, reported as ``prog: error: message``, exit code 2."""
+
+
+class MissingDependencyError(Exception):
+    """An optional package a command needs is not installed; reported with how to install it, exit code 1."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand of ``python -m torchupdates``.
+
+    Attributes
+    ----------
+    name : str
+        What the user types, e.g. ``"compare"``.
+    summary : str
+        One line for the command list of ``python -m torchupdates --help``.
+    description : str
+        The text at the top of the command's own ``--help``.
+    configure : callable
+        Adds the command's options to its ``argparse`` parser.
+    run : callable
+        Runs the command on the parsed options and returns the exit code. Raises
+        :class:`CommandError` for bad options it can only detect while running and
+        :class:`MissingDependencyError` when an optional package is missing.
+    epilog : str
+        Text after the options in the command's ``--help`` (default: none).
+    """
+
+    name: str
+    summary: str
+    description: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    epilog: str = ""
