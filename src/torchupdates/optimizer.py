@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import Any
 
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .apply import apply_updates
-from .engines import ENGINES, Slot, Stage
+from .engines import ENGINES, Batch, Slot, Stage
 from .grads import check_leaf, compute_grads, describe
 from .transform import Transform, check_hyperparameter, defaults_of, zero_state
 
@@ -246,14 +246,10 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss_or_grads()
             loss_or_grads = None
-        slots = self._slots(loss_or_grads)
-        hyperparameters = [
-            [{name: group[key] for name, key in stage.hyper_keys.items()} for stage in self._stages]
-            for group in self.param_groups
-        ]
-        with torch.no_grad():
-            pairs = ENGINES[self.engine](self._stages, slots, hyperparameters)
-        return OrderedDict(pairs)
+        per_slot: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        for batch in self._proposals(loss_or_grads):
+            per_slot.update(batch)
+        return OrderedDict(pair for index in sorted(per_slot) for pair in per_slot[index])
 
     def step(self, loss_or_grads: LossOrGrads = None) -> Any:
         """Update every parameter that has a gradient: ``apply_updates(self.updates(x))``.
@@ -274,8 +270,21 @@ class Optimizer(torch.optim.Optimizer):
             loss_or_grads = None
         elif isinstance(loss_or_grads, Tensor):
             loss = loss_or_grads
-        apply_updates(self.updates(loss_or_grads))
+        # Each batch is written as soon as it is computed (while its tensors are in cache).
+        # Batches touch disjoint tensors and every input was checked before the first one, so
+        # this writes exactly what apply_updates(self.updates(x)) would.
+        for batch in self._proposals(loss_or_grads):
+            apply_updates(OrderedDict(pair for _, pairs in batch for pair in pairs))
         return loss
+
+    def _proposals(self, loss_or_grads: LossOrGrads) -> Iterator[Batch]:
+        slots = self._slots(loss_or_grads)
+        hyperparameters = [
+            [{name: group[key] for name, key in stage.hyper_keys.items()} for stage in self._stages]
+            for group in self.param_groups
+        ]
+        with torch.no_grad():
+            yield from ENGINES[self.engine](self._stages, slots, hyperparameters)
 
     def _slots(self, loss_or_grads: LossOrGrads) -> list[Slot]:
         self._check_options()

@@ -4,20 +4,22 @@ Every engine evaluates the same formulas (see :mod:`torchupdates.rules`); they d
 in how tensors are batched. ``"reference"`` runs one parameter at a time with plain tensor
 operations, the readable specification. ``"foreach"`` groups parameters that share device,
 dtype, param group and step count, and runs each formula over a whole group per kernel.
+
+An engine is a generator: it yields one :data:`Batch` at a time so that a step can write a
+batch while its tensors are still in cache, and :meth:`Optimizer.updates` can collect them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-from torch import Tensor
-
-from ._chain import Slot, Stage
+from ._chain import Batch, Slot, Stage
 from .foreach import propose_foreach
 from .reference import propose_reference
 
-Engine = Callable[[Sequence[Stage], Sequence[Slot], Sequence[Sequence[dict]]], "list[tuple[Tensor, Tensor]]"]
-"""``engine(stages, slots, hyperparameters) -> [(target, new value), ...]``.
+Engine = Callable[[Sequence[Stage], Sequence[Slot], Sequence[Sequence[dict[str, Any]]]], Iterator[Batch]]
+"""``engine(stages, slots, hyperparameters)`` yields batches of proposed values.
 
 ``hyperparameters[group][stage]`` maps the stage's local hyperparameter names to values.
 """
@@ -27,4 +29,4 @@ ENGINES: dict[str, Engine] = {
     "foreach": propose_foreach,
 }
 
-__all__ = ["ENGINES", "Engine", "Slot", "Stage"]
+__all__ = ["ENGINES", "Batch", "Engine", "Slot", "Stage"]

@@ -62,6 +62,13 @@ class Slot:
     work_dtype: torch.dtype
 
 
+Pairs = list[tuple[Tensor, Tensor]]
+"""(target, proposed new value) for one parameter: itself, its state, its step counters."""
+
+Batch = list[tuple[int, Pairs]]
+"""The pairs of some slots, each with the slot's index in the step's slot list."""
+
+
 def run_chain(
     stages: Sequence[Stage],
     hyperparameters: Sequence[dict[str, Any]],
@@ -103,9 +110,7 @@ def from_work(value: Tensor, like: Tensor) -> Tensor:
     return value if value.dtype == like.dtype else value.to(like.dtype)
 
 
-def pairs_for_slot(
-    stages: Sequence[Stage], slot: Slot, proposal: Tensor, new_state: dict[str, Tensor]
-) -> list[tuple[Tensor, Tensor]]:
+def pairs_for_slot(stages: Sequence[Stage], slot: Slot, proposal: Tensor, new_state: dict[str, Tensor]) -> Pairs:
     """The (target, new value) pairs of one parameter: itself, its state, its step counters."""
     pairs = [(slot.param, from_work(proposal, slot.param))]
     for key, value in new_state.items():

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, cast
 
+import torch
 from torch import Tensor
 
 from .._tensorlist import TensorList
-from ._chain import Slot, Stage, pairs_for_slot, run_chain, to_work
+from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
+
+CPU_CHUNK_ELEMENTS = 1 << 16
+"""On CPU a batch is cut into chunks of about this many elements: foreach ops are loops over
+tensors there, so small chunks keep a formula's temporaries in cache. On accelerators a batch
+stays whole, for the multi-tensor kernels."""
 
 
 def _batch_key(slot: Slot) -> Hashable:
@@ -17,38 +23,50 @@ def _batch_key(slot: Slot) -> Hashable:
     return (slot.group, slot.param.device, slot.work_dtype, slot.param.is_complex(), slot.steps, slot.applies)
 
 
+def _chunks(indices: list[int], slots: Sequence[Slot]) -> Iterator[list[int]]:
+    if slots[indices[0]].param.device.type != "cpu":
+        yield indices
+        return
+    chunk: list[int] = []
+    size = 0
+    for index in indices:
+        chunk.append(index)
+        size += slots[index].param.numel()
+        if size >= CPU_CHUNK_ELEMENTS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _stack(tensors: Sequence[Tensor], dtype: torch.dtype) -> TensorList:
+    return TensorList([to_work(t, dtype) for t in tensors])
+
+
 def propose_foreach(
     stages: Sequence[Stage], slots: Sequence[Slot], hyperparameters: Sequence[Sequence[dict[str, Any]]]
-) -> list[tuple[Tensor, Tensor]]:
-    """Proposed new values for every slot's parameter and state, batch by batch.
-
-    The pairs come back in slot order, as the reference engine gives them.
-    """
+) -> Iterator[Batch]:
+    """Proposed new values for every slot's parameter and state, batch by batch."""
     batches: dict[Hashable, list[int]] = defaultdict(list)
     for index, slot in enumerate(slots):
         batches[_batch_key(slot)].append(index)
-
-    per_slot: list[list[tuple[Tensor, Tensor]]] = [[] for _ in slots]
-    for indices in batches.values():
-        members = [slots[i] for i in indices]
-        first = members[0]
-        dtype = first.work_dtype
-
-        def stack(tensors: Sequence[Tensor], dtype: Any = dtype) -> TensorList:
-            return TensorList([to_work(t, dtype) for t in tensors])
-
-        proposal, new_state = run_chain(
-            stages,
-            hyperparameters[first.group],
-            stack([s.param for s in members]),
-            stack([s.grad for s in members]),
-            {key: stack([s.state[key] for s in members]) for key in first.state},
-            first.steps,
-            first.applies,
-        )
-        proposals = cast(TensorList, proposal).tensors
-        states = {key: cast(TensorList, value).tensors for key, value in new_state.items()}
-        for position, (i, slot) in enumerate(zip(indices, members, strict=True)):
-            slot_state = {key: values[position] for key, values in states.items()}
-            per_slot[i] = pairs_for_slot(stages, slot, proposals[position], slot_state)
-    return [pair for pairs in per_slot for pair in pairs]
+    for batch in batches.values():
+        for indices in _chunks(batch, slots):
+            members = [slots[i] for i in indices]
+            first = members[0]
+            dtype = first.work_dtype
+            proposal, new_state = run_chain(
+                stages,
+                hyperparameters[first.group],
+                _stack([s.param for s in members], dtype),
+                _stack([s.grad for s in members], dtype),
+                {key: _stack([s.state[key] for s in members], dtype) for key in first.state},
+                first.steps,
+                first.applies,
+            )
+            proposals = cast(TensorList, proposal).tensors
+            states = {key: cast(TensorList, value).tensors for key, value in new_state.items()}
+            yield [
+                (i, pairs_for_slot(stages, slot, proposals[k], {key: values[k] for key, values in states.items()}))
+                for k, (i, slot) in enumerate(zip(indices, members, strict=True))
+            ]

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 from torch import Tensor
 
-from ._chain import Slot, Stage, pairs_for_slot, run_chain, to_work
+from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
 
 
 def propose_reference(
     stages: Sequence[Stage], slots: Sequence[Slot], hyperparameters: Sequence[Sequence[dict[str, Any]]]
-) -> list[tuple[Tensor, Tensor]]:
+) -> Iterator[Batch]:
     """Proposed new values for every slot's parameter and state, one parameter at a time."""
-    pairs: list[tuple[Tensor, Tensor]] = []
-    for slot in slots:
+    for index, slot in enumerate(slots):
         proposal, new_state = run_chain(
             stages,
             hyperparameters[slot.group],
@@ -25,5 +24,4 @@ def propose_reference(
             slot.steps,
             slot.applies,
         )
-        pairs += pairs_for_slot(stages, slot, cast(Tensor, proposal), cast("dict[str, Tensor]", new_state))
-    return pairs
+        yield [(index, pairs_for_slot(stages, slot, cast(Tensor, proposal), cast("dict[str, Tensor]", new_state)))]
