@@ -69,6 +69,18 @@ def _adadelta(
     return param - learning_rate * delta, {"accu": accu, "delta_accu": delta_accu}
 
 
+def _bias_corrected_rate(learning_rate: Scalar, beta1: Scalar, beta2: Scalar, t: int) -> Scalar:
+    return learning_rate * sqrt(1 - beta2**t) / (1 - beta1**t)
+
+
+def _first_moment(state: State, grad: Array, beta1: Scalar) -> Array:
+    return beta1 * state["m"] + (1 - beta1) * grad
+
+
+def _second_moment(state: State, grad: Array, beta2: Scalar) -> Array:
+    return beta2 * state["v"] + (1 - beta2) * square(grad)
+
+
 def _adam(
     param: Array,
     grad: Array,
@@ -80,9 +92,9 @@ def _adam(
     beta2: Scalar,
     epsilon: Scalar,
 ) -> tuple[Array, State]:
-    a = learning_rate * sqrt(1 - beta2**t) / (1 - beta1**t)
-    m = beta1 * state["m"] + (1 - beta1) * grad
-    v = beta2 * state["v"] + (1 - beta2) * square(grad)
+    a = _bias_corrected_rate(learning_rate, beta1, beta2, t)
+    m = _first_moment(state, grad, beta1)
+    v = _second_moment(state, grad, beta2)
     return param - a * m / (sqrt(v) + epsilon), {"m": m, "v": v}
 
 
@@ -98,7 +110,7 @@ def _adamax(
     epsilon: Scalar,
 ) -> tuple[Array, State]:
     a = learning_rate / (1 - beta1**t)
-    m = beta1 * state["m"] + (1 - beta1) * grad
+    m = _first_moment(state, grad, beta1)
     u = maximum(beta2 * state["u"], abs(grad))
     return param - a * m / (u + epsilon), {"m": m, "u": u}
 
@@ -114,9 +126,9 @@ def _amsgrad(
     beta2: Scalar,
     epsilon: Scalar,
 ) -> tuple[Array, State]:
-    a = learning_rate * sqrt(1 - beta2**t) / (1 - beta1**t)
-    m = beta1 * state["m"] + (1 - beta1) * grad
-    v = beta2 * state["v"] + (1 - beta2) * square(grad)
+    a = _bias_corrected_rate(learning_rate, beta1, beta2, t)
+    m = _first_moment(state, grad, beta1)
+    v = _second_moment(state, grad, beta2)
     v_hat = maximum(state["v_hat"], v)
     return param - a * m / (sqrt(v_hat) + epsilon), {"m": m, "v": v, "v_hat": v_hat}
 
