@@ -26,6 +26,34 @@ LossOrGrads = Tensor | Sequence[Tensor | None] | Callable[[], Any] | None
 _ALIASES = {"learning_rate": "lr"}  # torch's schedulers read and write group["lr"]
 
 
+class ParamGroup(dict[str, Any]):
+    """A param group (a plain dict of settings) that also answers torch's ``"betas"``.
+
+    torch.optim keeps Adam's decay rates as ``group["betas"]``, and the schedulers that
+    cycle momentum (``OneCycleLR``, ``CyclicLR``) read and write that key. Here the rules
+    keep ``"beta1"`` and ``"beta2"``, so ``group["betas"]`` is a view of the pair: reading
+    gives ``(beta1, beta2)`` and assigning a pair sets both. Everything else is a dict.
+    """
+
+    def __contains__(self, key: object) -> bool:
+        if key == "betas":
+            return dict.__contains__(self, "beta1") and dict.__contains__(self, "beta2")
+        return dict.__contains__(self, key)
+
+    def __getitem__(self, key: Any) -> Any:
+        if key == "betas" and "betas" in self:
+            return (dict.__getitem__(self, "beta1"), dict.__getitem__(self, "beta2"))
+        return dict.__getitem__(self, key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key == "betas" and "betas" in self:
+            beta1, beta2 = value
+            dict.__setitem__(self, "beta1", beta1)
+            dict.__setitem__(self, "beta2", beta2)
+            return
+        dict.__setitem__(self, key, value)
+
+
 def _free_key(name: str, taken: Iterable[str]) -> str:
     taken = set(taken)
     if name not in taken:
@@ -110,7 +138,7 @@ class Optimizer(torch.optim.Optimizer):
         stage = _make_stage(rule, (), (), None)
         self._stages = (stage,)
         values = defaults_of(rule, hyperparameters)
-        super().__init__(params, {stage.hyper_keys[name]: value for name, value in values.items()})
+        super().__init__(params, ParamGroup({stage.hyper_keys[name]: value for name, value in values.items()}))
 
     def compose(self, modifier: Transform, params: Iterable[Tensor] | None = None, **hyperparameters: Any) -> Optimizer:
         """A new optimizer running this chain followed by ``modifier``.
@@ -124,7 +152,7 @@ class Optimizer(torch.optim.Optimizer):
         taken_hyper = set(self.defaults)
         taken_state = {key for stage in self._stages for key in (*stage.state_keys.values(), stage.step_key) if key}
         stage = _make_stage(modifier, taken_hyper, taken_state, members)
-        defaults = dict(self.defaults)
+        defaults = ParamGroup(self.defaults)
         defaults.update({stage.hyper_keys[name]: value for name, value in values.items()})
 
         composed = type(self).__new__(type(self))
@@ -136,6 +164,12 @@ class Optimizer(torch.optim.Optimizer):
         for param, state in self.state.items():
             composed.state[param] = dict(state)
         return composed
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults, state and param_groups; the chain is needed too.
+        state = super().__getstate__()
+        state.update(engine=self.engine, state_dtype=self.state_dtype, _stages=self._stages)
+        return state
 
     @property
     def rule_name(self) -> str:
@@ -163,7 +197,7 @@ class Optimizer(torch.optim.Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
-        group = dict(param_group)
+        group = ParamGroup(param_group)
         params = group.get("params")
         if isinstance(params, Tensor):
             params = [params]
@@ -180,7 +214,7 @@ class Optimizer(torch.optim.Optimizer):
         for alias, key in _ALIASES.items():
             if alias in group:
                 value = group.pop(alias)
-                if key in group and group[key] is not value:
+                if key in group:
                     raise ValueError(f"param group gives both {alias!r} and {key!r}; give one")
                 group[key] = value
         for key, value in self.defaults.items():
@@ -364,6 +398,12 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- checkpoints -------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"rule"``: the chain's name, checked when loading."""
+        state_dict = super().state_dict()
+        state_dict["rule"] = self.rule_name
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, for a bitwise-exact continuation.
 
@@ -378,6 +418,7 @@ class Optimizer(torch.optim.Optimizer):
             for group in self.param_groups
         ]
         super().load_state_dict(state_dict)
+        self.param_groups[:] = [ParamGroup(group) for group in self.param_groups]
         for group, tensors in zip(self.param_groups, held, strict=True):
             for key, tensor in tensors.items():
                 loaded = group.get(key)
@@ -400,6 +441,16 @@ class Optimizer(torch.optim.Optimizer):
     def _check_loaded_state(self, state_dict: Mapping[str, Any]) -> None:
         if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state dict: it needs 'state' and 'param_groups'")
+        saved_rule = state_dict.get("rule", self.rule_name)
+        if saved_rule != self.rule_name:
+            raise ValueError(f"the state dict was saved from {saved_rule}, this optimizer is {self.rule_name}")
+        for index, group in enumerate(state_dict["param_groups"]):
+            missing = {key for stage in self._stages for key in stage.hyper_keys.values() if key not in group}
+            if missing:
+                raise ValueError(
+                    f"saved param group {index} lacks {sorted(missing)}, which {self.rule_name} needs: "
+                    "was it saved from another rule?"
+                )
         saved_positions = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         for position, saved_id in enumerate(saved_positions):
             saved = state_dict["state"].get(saved_id)

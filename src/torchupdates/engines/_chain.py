@@ -96,17 +96,25 @@ def run_chain(
 
 
 def to_work(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """The real-valued view of ``tensor`` in the working dtype (no copy when it already is)."""
+    """The real-valued view of ``tensor`` in the working dtype (no copy when it already is).
+
+    A 0-d tensor is viewed as shape ``(1,)``: between two 0-d tensors torch promotes to the
+    wider dtype, so a float64 0-d hyperparameter would otherwise turn a 0-d float32
+    parameter's arithmetic into float64.
+    """
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
+    if tensor.dim() == 0:
+        tensor = tensor.unsqueeze(0)
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def from_work(value: Tensor, like: Tensor) -> Tensor:
-    """Undo :func:`to_work`: a tensor with the dtype (and complexness) of ``like``."""
+    """Undo :func:`to_work`: a tensor with the shape, dtype and complexness of ``like``."""
     if like.is_complex():
         real_dtype = torch.view_as_real(like).dtype
         return torch.view_as_complex(value.to(real_dtype).contiguous())
+    value = value.reshape(like.shape)
     return value if value.dtype == like.dtype else value.to(like.dtype)
 
 

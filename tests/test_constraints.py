@@ -1,0 +1,223 @@
+"""norm_constraint and total_norm_constraint against a float64 NumPy transcription of DESIGN.md
+section 2, with PyTorch's default axes (every axis but 0; see "Intent over letter")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import torchupdates as updates
+
+EPS = 1e-7
+
+
+def np_norm_constraint(x, max_norm, axes, epsilon=EPS):
+    x = np.asarray(x, dtype=np.float64)
+    n = np.sqrt(np.sum(x**2, axis=axes, keepdims=True))
+    return x * (np.clip(n, 0, max_norm) / (epsilon + n))
+
+
+def np_total_norm_constraint(xs, max_norm, epsilon=EPS):
+    xs = [np.asarray(x, dtype=np.float64) for x in xs]
+    n = np.sqrt(sum(np.sum(x**2) for x in xs))
+    return [x * (np.clip(n, 0, max_norm) / (epsilon + n)) for x in xs], n
+
+
+def slice_scaled(shape, axis, dtype=torch.float64, seed=0):
+    """Random entries, the slices along ``axis`` scaled by 10**-2 ... 10**2 (shuffled): some
+    slices are far under a bound of order 1, some far over."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    exponents = torch.linspace(-2, 2, shape[axis], dtype=torch.float64)
+    factors = 10 ** exponents[torch.randperm(shape[axis], generator=gen)]
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return (x * factors.reshape(view)).to(dtype)
+
+
+SHAPES = [(6, 4), (5, 3, 2), (4, 3, 2, 2), (3, 2, 2, 2, 2)]
+TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-15}, torch.float32: {"rtol": 2e-6, "atol": 1e-7}}
+
+
+def torch_norms(x, axes):
+    return torch.sqrt((x.double() ** 2).sum(dim=axes, keepdim=True))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_default_axes_are_all_but_axis_0(shape, dtype):
+    x = slice_scaled(shape, 0, dtype)
+    axes = tuple(range(1, len(shape)))
+    result = updates.norm_constraint(x, 1.0)
+    assert result.dtype == dtype and result.shape == x.shape
+    expected = np_norm_constraint(x.double().numpy(), 1.0, axes)
+    np.testing.assert_allclose(result.double().numpy(), expected, **TOL[dtype])
+    # both regimes are present, so the test can tell axis conventions apart
+    norms = torch_norms(x, axes).flatten()
+    assert (norms > 1).any() and (norms < 1).any()
+    assert not np.allclose(result.double().numpy(), np_norm_constraint(x.double().numpy(), 1.0, (0,)))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_lasagne_layout_with_norm_axes_0(shape):
+    x = slice_scaled(shape, 1)
+    result = updates.norm_constraint(x, 2.5, norm_axes=(0,))
+    np.testing.assert_allclose(result.numpy(), np_norm_constraint(x.numpy(), 2.5, (0,)), **TOL[torch.float64])
+
+
+def test_lasagne_dense_layer_case_by_hand():
+    # Lasagne DenseLayer weight (inputs, units) = (2, 2); per-unit norms are the column norms 5 and 0.5
+    w = torch.tensor([[3.0, 0.3], [4.0, 0.4]], dtype=torch.float64)
+    result = updates.norm_constraint(w, 1.0, norm_axes=(0,), epsilon=0.0)
+    expected = torch.tensor([[0.6, 0.3], [0.8, 0.4]], dtype=torch.float64)
+    torch.testing.assert_close(result, expected, rtol=1e-15, atol=1e-15)
+    # nn.Linear weight (units, inputs) = the transpose; the default axes do the same per unit
+    torch.testing.assert_close(updates.norm_constraint(w.T, 1.0, epsilon=0.0), expected.T, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("axes", [(-1,), (-2, -1), (0, -1)])
+def test_negative_axes(shape, axes):
+    x = slice_scaled(shape, 0)
+    positive = tuple(a % len(shape) for a in axes)
+    result = updates.norm_constraint(x, 1.0, norm_axes=axes)
+    assert torch.equal(result, updates.norm_constraint(x, 1.0, norm_axes=positive))
+    np.testing.assert_allclose(result.numpy(), np_norm_constraint(x.numpy(), 1.0, positive), **TOL[torch.float64])
+
+
+def test_1d_tensor_with_norm_axes():
+    x = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(updates.norm_constraint(x, 1.0, norm_axes=(0,), epsilon=0.0), x / 5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("max_norm", [0.0, 0.05, 1.0, 30.0])
+def test_result_norms_bounded_and_small_rows_nearly_unchanged(shape, max_norm):
+    x = slice_scaled(shape, 0)
+    axes = tuple(range(1, len(shape)))
+    result = updates.norm_constraint(x, max_norm)
+    before, after = torch_norms(x, axes), torch_norms(result, axes)
+    assert (after <= max_norm * (1 + 1e-12)).all()
+    assert (after <= before).all()
+    under = (before < max_norm).expand_as(x)
+    # slices under the bound are only multiplied by n / (eps + n)
+    ratio = (result[under] / x[under]).numpy()
+    np.testing.assert_allclose(ratio, 1.0, rtol=0, atol=EPS / 0.009)
+    over = (before > max_norm).flatten()
+    if max_norm > 0:
+        # slices over the bound end at max_norm * n / (eps + n)
+        n = before.flatten()[over]
+        np.testing.assert_allclose(after.flatten()[over].numpy(), (max_norm * n / (EPS + n)).numpy(), rtol=1e-12)
+
+
+def test_max_norm_as_0d_tensor_and_epsilon():
+    x = slice_scaled((6, 4), 0)
+    assert torch.equal(
+        updates.norm_constraint(x, torch.tensor(1.5, dtype=torch.float64)), updates.norm_constraint(x, 1.5)
+    )
+    result = updates.norm_constraint(x, 1.5, epsilon=0.1)
+    np.testing.assert_allclose(result.numpy(), np_norm_constraint(x.numpy(), 1.5, (1,), epsilon=0.1), rtol=1e-12)
+
+
+def test_zero_slices_stay_zero():
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    x[1] = 10.0
+    result = updates.norm_constraint(x, 1.0)
+    assert torch.isfinite(result).all()
+    assert not result[0].any() and not result[2].any()
+
+
+def test_input_is_not_modified():
+    x = slice_scaled((5, 3, 2), 0)
+    before = x.clone()
+    updates.norm_constraint(x, 0.1)
+    updates.total_norm_constraint([x], 0.1)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_total_norm_constraint_against_numpy(max_norm, dtype):
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in [(3, 4), (5,), (2, 2, 2), ()]]
+    expected, expected_norm = np_total_norm_constraint([x.double().numpy() for x in xs], max_norm)
+    result, norm = updates.total_norm_constraint(xs, max_norm, return_norm=True)
+    assert isinstance(result, list) and len(result) == len(xs)
+    assert norm.dim() == 0
+    np.testing.assert_allclose(float(norm), expected_norm, rtol=TOL[dtype]["rtol"])
+    for r, e, x in zip(result, expected, xs, strict=True):
+        assert r.dtype == dtype and r.shape == x.shape
+        np.testing.assert_allclose(r.double().numpy(), e, **TOL[dtype])
+    plain = updates.total_norm_constraint(xs, max_norm)
+    assert isinstance(plain, list)
+    for a, b in zip(plain, result, strict=True):
+        assert torch.equal(a, b)
+    joint = float(torch.sqrt(sum((r.double() ** 2).sum() for r in result)))
+    assert joint <= max_norm * (1 + 1e-6)
+    if expected_norm < max_norm:
+        assert joint == pytest.approx(expected_norm, rel=1e-6)
+
+
+def test_total_norm_constraint_by_hand():
+    clipped, norm = updates.total_norm_constraint(
+        [torch.tensor([3.0], dtype=torch.float64), torch.tensor([[4.0]], dtype=torch.float64)],
+        1.0,
+        epsilon=0.0,
+        return_norm=True,
+    )
+    assert float(norm) == 5.0
+    torch.testing.assert_close(clipped[0], torch.tensor([0.6], dtype=torch.float64))
+    torch.testing.assert_close(clipped[1], torch.tensor([[0.8]], dtype=torch.float64))
+
+
+def test_norm_constraint_is_differentiable():
+    x = slice_scaled((4, 3), 0).requires_grad_()
+    norms = torch_norms(x.detach(), (1,)).flatten()
+    assert ((norms - 1.0).abs() > 1e-3).all()  # stay off the kink of the clip
+    assert torch.autograd.gradcheck(lambda t: updates.norm_constraint(t, 1.0), (x,))
+    assert torch.autograd.gradcheck(lambda t: updates.norm_constraint(t, 1.0, norm_axes=(0,)), (x,))
+    # an unclipped slice has (almost) identity Jacobian, a clipped slice does not
+    updates.norm_constraint(x, 1.0).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_total_norm_constraint_is_differentiable():
+    gen = torch.Generator().manual_seed(2)
+    xs = tuple(torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in [(3,), (2, 2)])
+    for max_norm in (0.5, 100.0):
+        assert torch.autograd.gradcheck(lambda *ts, m=max_norm: tuple(updates.total_norm_constraint(ts, m)), xs)
+    clipped, norm = updates.total_norm_constraint(xs, 0.5, return_norm=True)
+    (sum(c.sum() for c in clipped) + norm).backward()
+    assert all(x.grad is not None for x in xs)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam", "momentum"])
+@pytest.mark.parametrize("engine", ["foreach", "reference"])
+def test_constraint_on_the_update_dictionary(rule, engine):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4).double()
+    with torch.no_grad():
+        model.weight.mul_(20)  # per-unit (row) norms well above 3
+    twin = torch.nn.Linear(6, 4).double()
+    twin.load_state_dict(model.state_dict())
+    kwargs = {"learning_rate": 0.1, "engine": engine}
+    opt = getattr(updates, rule)(model.parameters(), **kwargs)
+    twin_opt = getattr(updates, rule)(twin.parameters(), **kwargs)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    W = model.weight
+    for _ in range(3):
+        upd = opt.updates(model(x).pow(2).mean())
+        assert W in upd
+        proposal = upd[W].clone()
+        upd[W] = updates.norm_constraint(upd[W], 3.0)
+        updates.apply_updates(upd)
+        assert (W.detach().norm(dim=1) <= 3.0 * (1 + 1e-12)).all()
+        assert torch.equal(W.detach(), updates.norm_constraint(proposal, 3.0))
+        # the rest of the dictionary (bias, state) is written as the rule proposed
+        twin_opt.step(twin(x).pow(2).mean())
+        assert torch.equal(model.bias, twin.bias)
+        with torch.no_grad():
+            twin.weight.copy_(W)  # keep the twins in sync for the next step
+    if rule == "adam":
+        assert int(opt.state[W]["step"]) == 3
