@@ -157,6 +157,7 @@ GROUP_FAILURES = [
     ("negative lr in late group", _set_group(2, "lr", -1e-3), ValueError, r"param group 2.*learning_rate"),
     ("beta1 = 1 set in group", _set_group(1, "beta1", 1.0), ValueError, r"beta1.*\[0, 1\)"),
     ("beta2 < 0 set in group", _set_group(0, "beta2", -0.5), ValueError, r"beta2"),
+    ("learning_rate set in group", _set_group(0, "learning_rate", 0.5), ValueError, r"kept as .lr."),
     ("momentum = 1 set in group", _set_group(0, "momentum", 1.0), ValueError, r"momentum"),
     ("negative epsilon set in group", _set_group(0, "epsilon", -1e-8), ValueError, r"epsilon.*>= 0"),
     ("nan lr set in group", _set_group(0, "lr", float("nan")), ValueError, r"learning_rate"),

@@ -223,6 +223,9 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(group)
 
     def _check_group(self, group: Mapping[str, Any], index: int) -> None:
+        for alias, key in _ALIASES.items():
+            if alias in group:
+                raise ValueError(f"param group {index} has {alias!r}, which is kept as {key!r}: set group[{key!r}]")
         for stage in self._stages:
             for spec in stage.transform.hyperparameters:
                 check_hyperparameter(f"{self.rule_name}, param group {index}", spec, group[stage.hyper_keys[spec.name]])
