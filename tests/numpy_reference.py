@@ -218,7 +218,7 @@ class ReferenceOptimizer:
         if len(grads) != len(self.params):
             raise ValueError("one gradient per parameter")
         new_params = []
-        for i, (p, g) in enumerate(zip(self.params, grads)):
+        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
             if g is None:
                 new_params.append(p)
                 continue

@@ -286,6 +286,9 @@ class Optimizer(torch.optim.Optimizer):
         per_slot: dict[int, list[tuple[Tensor, Tensor]]] = {}
         for batch in self._proposals(loss_or_grads):
             per_slot.update(batch)
+        # torch's schedulers watch step() to warn when they run before any optimizer step;
+        # an update dictionary is a step too, so tell them.
+        self._opt_called = True
         return OrderedDict(pair for index in sorted(per_slot) for pair in per_slot[index])
 
     def step(self, loss_or_grads: LossOrGrads = None) -> Any:
