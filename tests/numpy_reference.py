@@ -185,7 +185,8 @@ class ReferenceOptimizer:
         if len(per_param) != n:
             raise ValueError("one hyperparameter dict per parameter")
         spec = RULES[rule]
-        own = [{k: v for k, v in h.items() if k != "momentum"} for h in per_param]
+        # momentum / nesterov_momentum pass their "momentum" on to their modifier stage.
+        own = [{k: v for k, v in h.items() if k != "momentum" or not spec.modifiers} for h in per_param]
         self.stages: list[_Stage] = [_Stage(spec, [_merged(spec, h, rule) for h in own], None)]
         for modifier in spec.modifiers:  # momentum = sgd + apply_momentum, nesterov likewise
             mom = [{"momentum": h["momentum"]} if "momentum" in h else {} for h in per_param]
