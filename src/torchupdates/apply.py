@@ -10,6 +10,8 @@ from torch import Tensor
 
 __all__ = ["apply_updates"]
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
 
 def apply_updates(updates: Mapping[Tensor, Tensor]) -> None:
     """Write every proposed value of an update dictionary into its tensor, in place.
@@ -53,4 +55,8 @@ def apply_updates(updates: Mapping[Tensor, Tensor]) -> None:
         values.append(value)
     with torch.no_grad():
         for targets, values in batches.values():
-            torch._foreach_copy_(targets, values)
+            if type(targets[0]) in _PLAIN_TENSORS:
+                torch._foreach_copy_(targets, values)
+            else:  # tensor subclasses (DTensor under FSDP2) may lack a foreach copy
+                for target, value in zip(targets, values, strict=True):
+                    target.copy_(value)

@@ -1,0 +1,120 @@
+"""Two processes on 127.0.0.1 with the gloo backend: DDP and FSDP2 follow the single-process run.
+
+Every rank sees the same batches, so the averaged gradient equals the single-process one and
+the trajectories must agree bit for bit (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import torchupdates as updates
+
+fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
+
+RULES: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": lambda p: updates.adam(p, 0.01),
+    "nesterov(rmsprop)": lambda p: updates.apply_nesterov_momentum(updates.rmsprop(p, 0.01)),
+    "adadelta/reference": lambda p: updates.adadelta(p, engine="reference"),
+}
+STEPS = 4
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(6, 8, generator=generator)
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return (full_tensor() if full_tensor is not None else tensor).detach()
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    results: dict[str, bool | float] = {}
+    try:
+        for name, make in RULES.items():
+            single = make_model()
+            train(single, make(single.parameters()))
+            expected = [p.detach() for p in single.parameters()]
+
+            ddp = torch.nn.parallel.DistributedDataParallel(make_model())
+            train(ddp, make(ddp.parameters()))
+            results[f"ddp {name}"] = all(
+                torch.equal(a.detach(), b) for a, b in zip(ddp.parameters(), expected, strict=True)
+            )
+
+            sharded = make_model()
+            for layer in sharded:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer)
+            fully_shard(sharded)
+            train(sharded, make(sharded.parameters()))
+            results[f"fsdp2 {name}"] = all(
+                torch.equal(full(a), b) for a, b in zip(sharded.parameters(), expected, strict=True)
+            )
+
+        sharded, single = make_model(), make_model()
+        fully_shard(sharded)
+        x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
+        sharded(x).pow(2).mean().backward()
+        single(x).pow(2).mean().backward()
+        clipped, norm = updates.total_norm_constraint([p.grad for p in sharded.parameters()], 0.1, return_norm=True)
+        expected_clipped, expected_norm = updates.total_norm_constraint(
+            [p.grad for p in single.parameters()], 0.1, return_norm=True
+        )
+        results["fsdp2 total norm"] = float(full(norm))
+        results["fsdp2 expected total norm"] = float(expected_norm)
+        results["fsdp2 clipped"] = all(
+            torch.allclose(full(a), b, rtol=1e-6, atol=0) for a, b in zip(clipped, expected_clipped, strict=True)
+        )
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bool | float]:
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("distributed") / "results.json"
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    return dict(json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_trajectory_equals_single_process(results: dict[str, bool | float], wrapper: str, rule: str) -> None:
+    assert results[f"{wrapper} {rule}"] is True
+
+
+def test_total_norm_constraint_uses_the_global_norm_of_sharded_gradients(results: dict[str, bool | float]) -> None:
+    assert results["fsdp2 total norm"] == pytest.approx(results["fsdp2 expected total norm"], rel=1e-6)
+    assert results["fsdp2 clipped"] is True
