@@ -45,6 +45,7 @@ import torch
 import torchupdates
 from numpy_reference import DEFAULTS, ReferenceOptimizer
 from torchupdates import apply_updates
+from torchupdates.engines import foreach as foreach_engine
 
 RULES = ["sgd", "momentum", "nesterov_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "amsgrad"]
 MODIFIERS = ["apply_momentum", "apply_nesterov_momentum"]
@@ -54,7 +55,9 @@ SHAPES: list[tuple[int, ...]] = [(), (5,), (3, 4), (2, 3, 2, 2)]
 # Per-tensor gradient scales: 1e-3 makes epsilon matter (g**2 ~ 1e-6 ~ eps), 10 makes it negligible.
 GRAD_SCALES = [1e-3, 1.0, 10.0, 0.1]
 STEPS = 50
-# Larger than the foreach engine's CPU chunk (64k elements), so that batches are cut in chunks.
+# With the chunk size the tests set below (SMALL_CHUNK), batches are cut into several chunks,
+# some holding one tensor larger than a chunk.
+SMALL_CHUNK = 50_000
 LARGE_SHAPES: list[tuple[int, ...]] = [(), (300, 300), (7,), (40000,), (30000,), (2, 3, 2, 2)]
 
 RTOL64 = 1e-13
@@ -324,6 +327,12 @@ def test_double_composition(chain: Chain, engine: str) -> None:
     run_against_reference(chain, engine, seed=5)
 
 
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(foreach_engine, "CPU_CHUNK_ELEMENTS", SMALL_CHUNK)
+
+
+@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("engine", ENGINES)
 def test_large_tensors(engine: str) -> None:
     # Tensors above the foreach engine's CPU chunk size, mixed with small ones.
@@ -447,6 +456,7 @@ def test_engines_agree_bitwise(chain: Chain) -> None:
     _engines_agree_bitwise(chain, init, grads)
 
 
+@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("chain", LARGE_CHAINS, ids=[c.id or c.rule for c in LARGE_CHAINS])
 def test_engines_agree_bitwise_large(chain: Chain) -> None:
     init, grads = make_problem(10, steps=20, shapes=LARGE_SHAPES)
@@ -471,6 +481,7 @@ def test_step_equals_apply_updates(chain: Chain, engine: str) -> None:
     _step_equals_apply_updates(chain, engine, init, grads)
 
 
+@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("chain", LARGE_CHAINS, ids=[c.id or c.rule for c in LARGE_CHAINS])
 def test_step_equals_apply_updates_large(chain: Chain, engine: str) -> None:
@@ -658,3 +669,22 @@ def test_tensor_hyperparameters_changed_in_place(rule: str, engine: str) -> None
         if k == half:  # the change shows at the very next step
             assert_matches_reference(opt, params, ref, where=f"step {k + 1}")
     assert_matches_reference(opt, params, ref)
+
+
+@pytest.mark.parametrize(("rule", "key"), [("adam", "m"), ("rmsprop", "accu"), ("nesterov_momentum", "velocity")])
+def test_gradients_sharing_memory_with_the_optimizer_state(rule: str, key: str) -> None:
+    # A step writes results into parameters and state once their old values are no longer read;
+    # gradients that are the state's own memory must still be read as they were.
+    init = [torch.linspace(-1.0, 1.0, 12, dtype=torch.float64).reshape(3, 4), torch.tensor(0.5, dtype=torch.float64)]
+    expected, actual = leaves(init), leaves(init)
+    hyper = REQUIRED.get(rule, {})
+    reference = getattr(torchupdates, rule)(expected, engine="reference", **hyper)
+    optimizer = getattr(torchupdates, rule)(actual, engine="foreach", **hyper)
+    first = [torch.full_like(p, 0.25) for p in init]
+    reference.step(first)
+    optimizer.step(first)
+    for _ in range(3):
+        reference.step([reference.state[p][key].clone() for p in expected])
+        optimizer.step([optimizer.state[p][key] for p in actual])
+    for a, b in zip(actual, expected, strict=True):
+        assert torch.equal(a, b)

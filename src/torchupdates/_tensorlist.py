@@ -1,15 +1,18 @@
-"""A list of tensors that does arithmetic with ``torch._foreach_*`` kernels.
+"""Lists of tensors whose arithmetic is recorded, then run by ``torch._foreach_*`` kernels.
 
 Rule formulas are written once with ordinary operators (``rho * acc + (1 - rho) * g2``).
-Given plain tensors they run one parameter at a time; given :class:`TensorList` operands
-the same expression runs over many parameters per kernel launch. Every operator maps to
-exactly one elementwise IEEE operation per element, in the order written, so both ways of
-running a formula give bitwise identical results.
+Given plain tensors they run one parameter at a time; given :class:`TensorList` operands the
+same expression is recorded in a :class:`Graph` and :meth:`Graph.run` executes it over many
+parameters per kernel. Recording first lets the run reuse memory: an operation whose operand
+is read by nothing later writes its result into that operand's buffer, and in a step the
+buffers of the parameters and state being replaced serve once their old values are read for
+the last time. Every operator is one elementwise IEEE operation per element, in the order
+written, whatever buffer receives it, so results are bitwise those of the plain-tensor run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Real
 from typing import TypeGuard
 
@@ -19,6 +22,20 @@ from torch import Tensor
 Scalar = float | int | Tensor
 """A hyperparameter or coefficient: a Python number or a 0-d tensor."""
 
+Operand = "TensorList | float | int | Tensor"
+
+_KERNELS: dict[str, tuple[Callable[..., Sequence[Tensor]], Callable[..., None]]] = {
+    "add": (torch._foreach_add, torch._foreach_add_),
+    "sub": (torch._foreach_sub, torch._foreach_sub_),
+    "mul": (torch._foreach_mul, torch._foreach_mul_),
+    "div": (torch._foreach_div, torch._foreach_div_),
+    "maximum": (torch._foreach_maximum, torch._foreach_maximum_),
+    "neg": (torch._foreach_neg, torch._foreach_neg_),
+    "abs": (torch._foreach_abs, torch._foreach_abs_),
+    "sqrt": (torch._foreach_sqrt, torch._foreach_sqrt_),
+}
+_COMMUTATIVE = {"add", "mul"}  # IEEE addition and multiplication: a op b == b op a, bit for bit
+
 
 def _is_scalar(value: object) -> TypeGuard[float | Tensor]:
     if isinstance(value, Tensor):
@@ -26,69 +43,138 @@ def _is_scalar(value: object) -> TypeGuard[float | Tensor]:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+class Graph:
+    """The operations recorded on the tensor lists of one batch, in the order written."""
+
+    def __init__(self) -> None:
+        self.nodes: list[TensorList] = []
+
+    def leaf(self, tensors: Sequence[Tensor], writable: bool = False) -> TensorList:
+        """An input. ``writable``: its tensors are replaced by an output of this run, so once
+        read for the last time they may hold intermediate values and that output."""
+        node = TensorList(self, "leaf", ())
+        node.tensors = list(tensors)
+        node.writable = writable
+        node.buffer = node.index if writable else None
+        return node
+
+    def run(self, outputs: Sequence[tuple[TensorList, TensorList | None]]) -> list[tuple[list[Tensor], bool]]:
+        """Execute the recorded operations and return each output's tensors.
+
+        ``outputs`` pairs each wanted node with the leaf it replaces (``None``: it replaces
+        nothing here). Each result comes with whether it already lies in that leaf's tensors
+        (written in place); otherwise the caller writes it.
+        """
+        last_read = [-1] * len(self.nodes)
+        for node in self.nodes:
+            for arg in node.args:
+                if isinstance(arg, TensorList):
+                    last_read[arg.index] = node.index
+        kept = {node.index for node, _ in outputs}
+        replaces = {node.index: leaf.index for node, leaf in outputs if leaf is not None and leaf.writable}
+        for node in self.nodes:
+            if node.op != "leaf":
+                self._execute(node, last_read, kept, replaces)
+        return [
+            (node.tensors, leaf is not None and node.buffer == leaf.index and leaf.writable) for node, leaf in outputs
+        ]
+
+    def _execute(self, node: TensorList, last_read: list[int], kept: set[int], replaces: dict[int, int]) -> None:
+        out_of_place, in_place = _KERNELS[node.op]
+        operands = list(node.args)
+        candidates = [0, 1] if node.op in _COMMUTATIVE and isinstance(operands[-1], TensorList) else [0]
+        for position in candidates:
+            target = operands[position]
+            assert isinstance(target, TensorList)
+            if self._reusable(target, node, last_read, kept, replaces):
+                other = operands[1 - position] if len(operands) == 2 else None
+                values = [] if other is None else [other.tensors if isinstance(other, TensorList) else other]
+                in_place(target.tensors, *values)
+                node.tensors, node.buffer = target.tensors, target.buffer
+                return
+        first = operands[0]
+        assert isinstance(first, TensorList)
+        rest = [arg.tensors if isinstance(arg, TensorList) else arg for arg in operands[1:]]
+        node.tensors = list(out_of_place(first.tensors, *rest))
+        node.buffer = node.index
+
+    def _reusable(
+        self, operand: TensorList, node: TensorList, last_read: list[int], kept: set[int], replaces: dict[int, int]
+    ) -> bool:
+        if operand.buffer is None or last_read[operand.index] != node.index or operand.index in kept:
+            return False
+        owner = self.nodes[operand.buffer]
+        if owner.op == "leaf":
+            # A leaf's tensors may hold intermediates and, at the end, only its own new value.
+            return node.index not in kept or replaces.get(node.index) == owner.index
+        return True
+
+
 class TensorList:
-    """Tensors of one device and dtype, combined elementwise by foreach kernels."""
+    """Tensors of one device and dtype, combined elementwise; operations are recorded."""
 
-    __slots__ = ("tensors",)
+    __slots__ = ("args", "buffer", "graph", "index", "op", "tensors", "writable")
 
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
-        self.tensors = list(tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
+    def __init__(self, graph: Graph, op: str, args: tuple[TensorList | Scalar, ...]) -> None:
+        self.graph = graph
+        self.op = op
+        self.args = args
+        self.index = len(graph.nodes)
+        self.tensors: list[Tensor] = []
+        self.writable = False
+        self.buffer: int | None = None
+        graph.nodes.append(self)
 
     def __repr__(self) -> str:
-        return f"TensorList({len(self.tensors)} tensors)"
+        return f"TensorList({self.op}, node {self.index})"
+
+    def _record(self, op: str, *args: TensorList | Scalar) -> TensorList:
+        for arg in args:
+            if isinstance(arg, TensorList) and arg.graph is not self.graph:
+                raise ValueError("tensor lists of different graphs cannot be combined")
+        return TensorList(self.graph, op, (self, *args))
 
     def __add__(self, other: object) -> TensorList:
-        if isinstance(other, TensorList):
-            return TensorList(torch._foreach_add(self.tensors, other.tensors))
-        if _is_scalar(other):
-            return TensorList(torch._foreach_add(self.tensors, other))
+        if isinstance(other, TensorList) or _is_scalar(other):
+            return self._record("add", other)
         return NotImplemented
 
     __radd__ = __add__  # IEEE addition is commutative
 
     def __sub__(self, other: object) -> TensorList:
-        if isinstance(other, TensorList):
-            return TensorList(torch._foreach_sub(self.tensors, other.tensors))
         if isinstance(other, Tensor) and other.dim() == 0:
             # No Tensor overload of _foreach_sub; x - s and x + (-s) are the same IEEE result.
-            return TensorList(torch._foreach_add(self.tensors, -other))
-        if _is_scalar(other) and not isinstance(other, Tensor):
-            return TensorList(torch._foreach_sub(self.tensors, other))
+            return self._record("add", -other)
+        if isinstance(other, TensorList) or _is_scalar(other):
+            return self._record("sub", other)
         return NotImplemented
 
     def __rsub__(self, other: object) -> TensorList:
         if _is_scalar(other):
             # s - x is defined by IEEE as s + (-x); negation is exact.
-            return TensorList(torch._foreach_add(torch._foreach_neg(self.tensors), other))
+            return self._record("neg")._record("add", other)
         return NotImplemented
 
     def __mul__(self, other: object) -> TensorList:
-        if isinstance(other, TensorList):
-            return TensorList(torch._foreach_mul(self.tensors, other.tensors))
-        if _is_scalar(other):
-            return TensorList(torch._foreach_mul(self.tensors, other))
+        if isinstance(other, TensorList) or _is_scalar(other):
+            return self._record("mul", other)
         return NotImplemented
 
     __rmul__ = __mul__  # IEEE multiplication is commutative
 
     def __truediv__(self, other: object) -> TensorList:
-        if isinstance(other, TensorList):
-            return TensorList(torch._foreach_div(self.tensors, other.tensors))
-        if _is_scalar(other):
-            return TensorList(torch._foreach_div(self.tensors, other))
+        if isinstance(other, TensorList) or _is_scalar(other):
+            return self._record("div", other)
         return NotImplemented
 
     def __neg__(self) -> TensorList:
-        return TensorList(torch._foreach_neg(self.tensors))
+        return self._record("neg")
 
     def __abs__(self) -> TensorList:
-        return TensorList(torch._foreach_abs(self.tensors))
+        return self._record("abs")
 
     def sqrt(self) -> TensorList:
-        return TensorList(torch._foreach_sqrt(self.tensors))
+        return self._record("sqrt")
 
     def maximum(self, other: TensorList) -> TensorList:
-        return TensorList(torch._foreach_maximum(self.tensors, other.tensors))
+        return self._record("maximum", other)

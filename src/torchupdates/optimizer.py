@@ -284,7 +284,7 @@ class Optimizer(torch.optim.Optimizer):
                 loss_or_grads()
             loss_or_grads = None
         per_slot: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        for batch in self._proposals(loss_or_grads):
+        for batch in self._proposals(loss_or_grads, write=False):
             per_slot.update(batch)
         # torch's schedulers watch step() to warn when they run before any optimizer step;
         # an update dictionary is a step too, so tell them.
@@ -310,21 +310,22 @@ class Optimizer(torch.optim.Optimizer):
             loss_or_grads = None
         elif isinstance(loss_or_grads, Tensor):
             loss = loss_or_grads
-        # Each batch is written as soon as it is computed (while its tensors are in cache).
-        # Batches touch disjoint tensors and every input was checked before the first one, so
-        # this writes exactly what apply_updates(self.updates(x)) would.
-        for batch in self._proposals(loss_or_grads):
+        # Each batch is written as soon as it is computed (while its tensors are in cache), and
+        # the engine may write some results in place itself. Batches touch disjoint tensors and
+        # every input was checked before the first one, so this writes exactly the values
+        # apply_updates(self.updates(x)) would.
+        for batch in self._proposals(loss_or_grads, write=True):
             apply_updates(OrderedDict(pair for _, pairs in batch for pair in pairs))
         return loss
 
-    def _proposals(self, loss_or_grads: LossOrGrads) -> Iterator[Batch]:
+    def _proposals(self, loss_or_grads: LossOrGrads, write: bool) -> Iterator[Batch]:
         slots = self._slots(loss_or_grads)
         hyperparameters = [
             [{name: group[key] for name, key in stage.hyper_keys.items()} for stage in self._stages]
             for group in self.param_groups
         ]
         with torch.no_grad():
-            yield from ENGINES[self.engine](self._stages, slots, hyperparameters)
+            yield from ENGINES[self.engine](self._stages, slots, hyperparameters, write)
 
     def _slots(self, loss_or_grads: LossOrGrads) -> list[Slot]:
         self._check_options()
@@ -359,13 +360,21 @@ class Optimizer(torch.optim.Optimizer):
         )
 
     def _checked_grad(self, position: int, group: int, param: Tensor, grad: object) -> Tensor:
+        if (
+            isinstance(grad, Tensor)
+            and not grad.is_sparse
+            and grad.dtype == param.dtype
+            and grad.shape == param.shape
+            and grad.device == param.device
+        ):
+            return grad
         name = describe(position, param, group)
         if not isinstance(grad, Tensor):
             raise TypeError(f"the gradient of {name} must be a tensor or None, got {type(grad).__name__}")
         if grad.is_sparse:
             if not self._stages[0].transform.accepts_sparse:
                 raise TypeError(f"{self.rule_name} does not support sparse gradients ({name})")
-            grad = grad.to_dense()
+            return self._checked_grad(position, group, param, grad.to_dense())
         if grad.is_complex() != param.is_complex():
             kinds = ("complex", "real") if param.is_complex() else ("real", "complex")
             raise TypeError(f"{name} is {kinds[0]} but its gradient is {kinds[1]}; they cannot be mixed")
@@ -373,9 +382,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"the gradient of {name} has shape {tuple(grad.shape)}")
         if grad.dtype != param.dtype:
             raise TypeError(f"the gradient of {name} has dtype {grad.dtype}; cast it to {param.dtype}")
-        if grad.device != param.device:
-            raise ValueError(f"the gradient of {name} is on {grad.device}, the parameter on {param.device}")
-        return grad
+        raise ValueError(f"the gradient of {name} is on {grad.device}, the parameter on {param.device}")
 
     def _slot(self, position: int, group: int, param: Tensor, grad: Tensor) -> Slot:
         state = self.state[param]

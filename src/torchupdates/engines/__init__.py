@@ -7,6 +7,8 @@ dtype, param group and step count, and runs each formula over a whole group per 
 
 An engine is a generator: it yields one :data:`Batch` at a time so that a step can write a
 batch while its tensors are still in cache, and :meth:`Optimizer.updates` can collect them.
+In a step an engine may also write results in place as it goes (the foreach engine does, once
+a target's old value has been read for the last time): the values are the same either way.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from ._chain import Batch, Slot, Stage
 from .foreach import propose_foreach
 from .reference import propose_reference
 
-Engine = Callable[[Sequence[Stage], Sequence[Slot], Sequence[Sequence[dict[str, Any]]]], Iterator[Batch]]
-"""``engine(stages, slots, hyperparameters)`` yields batches of proposed values.
+Engine = Callable[[Sequence[Stage], Sequence[Slot], Sequence[Sequence[dict[str, Any]]], bool], Iterator[Batch]]
+"""``engine(stages, slots, hyperparameters, write)`` yields batches of proposed values.
 
 ``hyperparameters[group][stage]`` maps the stage's local hyperparameter names to values.
+With ``write`` (a step, every input already checked) an engine may write results straight
+into the parameters and state; it yields the (target, value) pairs still to be written.
 """
 
 ENGINES: dict[str, Engine] = {

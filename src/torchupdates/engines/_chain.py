@@ -114,13 +114,15 @@ def from_work(value: Tensor, like: Tensor) -> Tensor:
     if like.is_complex():
         real_dtype = torch.view_as_real(like).dtype
         return torch.view_as_complex(value.to(real_dtype).contiguous())
-    value = value.reshape(like.shape)
+    if value.shape != like.shape:
+        value = value.reshape(like.shape)
     return value if value.dtype == like.dtype else value.to(like.dtype)
 
 
-def pairs_for_slot(stages: Sequence[Stage], slot: Slot, proposal: Tensor, new_state: dict[str, Tensor]) -> Pairs:
-    """The (target, new value) pairs of one parameter: itself, its state, its step counters."""
-    pairs = [(slot.param, from_work(proposal, slot.param))]
+def pairs_for_slot(stages: Sequence[Stage], slot: Slot, proposal: Tensor | None, new_state: dict[str, Tensor]) -> Pairs:
+    """The (target, new value) pairs of one parameter: itself (unless ``proposal`` is
+    ``None``: already written), the state entries given, and its step counters."""
+    pairs = [] if proposal is None else [(slot.param, from_work(proposal, slot.param))]
     for key, value in new_state.items():
         target = slot.state[key]
         pairs.append((target, from_work(value, target)))

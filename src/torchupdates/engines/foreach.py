@@ -9,10 +9,10 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .._tensorlist import TensorList
+from .._tensorlist import Graph, TensorList
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
 
-CPU_CHUNK_ELEMENTS = 1 << 16
+CPU_CHUNK_ELEMENTS = 1 << 18
 """On CPU a batch is cut into chunks of about this many elements: foreach ops are loops over
 tensors there, so small chunks keep a formula's temporaries in cache. On accelerators a batch
 stays whole, for the multi-tensor kernels."""
@@ -39,14 +39,42 @@ def _chunks(indices: list[int], slots: Sequence[Slot]) -> Iterator[list[int]]:
         yield chunk
 
 
-def _stack(tensors: Sequence[Tensor], dtype: torch.dtype) -> TensorList:
-    return TensorList([to_work(t, dtype) for t in tensors])
+def _storage(tensor: Tensor) -> int | None:
+    local = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
+    try:
+        return int(local.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
+def _may_write_in_place(members: Sequence[Slot]) -> bool:
+    """Whether targets can be overwritten during the run: no gradient shares their memory."""
+    targets = {_storage(t) for s in members for t in (s.param, *s.state.values())}
+    grads = {_storage(s.grad) for s in members}
+    return None not in targets and None not in grads and not targets & grads
+
+
+def _leaf(graph: Graph, tensors: Sequence[Tensor], dtype: torch.dtype, writable: bool) -> TensorList:
+    work = [to_work(t, dtype) for t in tensors]
+    # Only a view of the target itself (not a cast copy) may receive results in place.
+    aliases = all(
+        w.dtype == (torch.view_as_real(t).dtype if t.is_complex() else t.dtype)
+        for w, t in zip(work, tensors, strict=True)
+    )
+    return graph.leaf(work, writable=writable and aliases)
 
 
 def propose_foreach(
-    stages: Sequence[Stage], slots: Sequence[Slot], hyperparameters: Sequence[Sequence[dict[str, Any]]]
+    stages: Sequence[Stage],
+    slots: Sequence[Slot],
+    hyperparameters: Sequence[Sequence[dict[str, Any]]],
+    write: bool = False,
 ) -> Iterator[Batch]:
-    """Proposed new values for every slot's parameter and state, batch by batch."""
+    """Proposed new values for every slot's parameter and state, batch by batch.
+
+    With ``write``, results may be written straight into the parameters and state; the
+    pairs yielded are then only those still to be written.
+    """
     batches: dict[Hashable, list[int]] = defaultdict(list)
     for index, slot in enumerate(slots):
         batches[_batch_key(slot)].append(index)
@@ -55,18 +83,38 @@ def propose_foreach(
             members = [slots[i] for i in indices]
             first = members[0]
             dtype = first.work_dtype
+            writable = write and _may_write_in_place(members)
+            graph = Graph()
+            param = _leaf(graph, [s.param for s in members], dtype, writable)
+            state = {key: _leaf(graph, [s.state[key] for s in members], dtype, writable) for key in first.state}
             proposal, new_state = run_chain(
                 stages,
                 hyperparameters[first.group],
-                _stack([s.param for s in members], dtype),
-                _stack([s.grad for s in members], dtype),
-                {key: _stack([s.state[key] for s in members], dtype) for key in first.state},
+                param,
+                _leaf(graph, [s.grad for s in members], dtype, writable=False),
+                cast("dict[str, Any]", state),
                 first.steps,
                 first.applies,
             )
-            proposals = cast(TensorList, proposal).tensors
-            states = {key: cast(TensorList, value).tensors for key, value in new_state.items()}
+            keys = list(new_state)
+            results = graph.run(
+                [(cast(TensorList, proposal), param)] + [(cast(TensorList, new_state[k]), state[k]) for k in keys]
+            )
             yield [
-                (i, pairs_for_slot(stages, slot, proposals[k], {key: values[k] for key, values in states.items()}))
+                (i, _pairs(stages, slot, k, results, keys))
                 for k, (i, slot) in enumerate(zip(indices, members, strict=True))
             ]
+
+
+def _pairs(
+    stages: Sequence[Stage], slot: Slot, k: int, results: list[tuple[list[Tensor], bool]], keys: list[str]
+) -> list[tuple[Tensor, Tensor]]:
+    """The pairs of one slot that are still to be written (all of them when nothing was)."""
+    (proposals, param_done), *state_results = results
+    pairs = pairs_for_slot(
+        stages,
+        slot,
+        None if param_done else proposals[k],
+        {key: tensors[k] for key, (tensors, in_place) in zip(keys, state_results, strict=True) if not in_place},
+    )
+    return pairs

@@ -11,9 +11,15 @@ from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
 
 
 def propose_reference(
-    stages: Sequence[Stage], slots: Sequence[Slot], hyperparameters: Sequence[Sequence[dict[str, Any]]]
+    stages: Sequence[Stage],
+    slots: Sequence[Slot],
+    hyperparameters: Sequence[Sequence[dict[str, Any]]],
+    write: bool = False,
 ) -> Iterator[Batch]:
-    """Proposed new values for every slot's parameter and state, one parameter at a time."""
+    """Proposed new values for every slot's parameter and state, one parameter at a time.
+
+    Nothing is written here, with or without ``write``: every pair is yielded.
+    """
     for index, slot in enumerate(slots):
         proposal, new_state = run_chain(
             stages,
