@@ -4,6 +4,8 @@ A :class:`Transform` is pure data plus one function. A *rule* maps gradients to 
 parameter values; a *modifier* maps proposed values to new proposed values (momentum).
 The :class:`~torchupdates.Optimizer` chains one rule and any number of modifiers, and an
 engine decides how the formulas run (one tensor at a time, or many tensors per kernel).
+A formula uses ordinary operators and :func:`sqrt`, :func:`square` and :func:`maximum`
+(re-exported here), which work on numbers, tensors and tensor lists alike.
 """
 
 from __future__ import annotations
@@ -17,7 +19,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._math import Value
+from ._math import Value, maximum, sqrt, square
+
+__all__ = [
+    "NON_NEGATIVE",
+    "UNIT_INTERVAL",
+    "Bound",
+    "Formula",
+    "Hyperparameter",
+    "Transform",
+    "check_hyperparameter",
+    "defaults_of",
+    "maximum",
+    "sqrt",
+    "square",
+    "zero_state",
+]
 
 Formula = Callable[..., "tuple[Value, dict[str, Value]]"]
 """``formula(param, incoming, state, t, **hyperparameters) -> (proposal, new_state)``.
