@@ -10,7 +10,7 @@ from typing import Any
 
 from ._training import RunResult
 
-__all__ = ["best_result", "format_table", "results_document", "save_plot", "write_json"]
+__all__ = ["best_result", "format_rows", "format_table", "results_document", "save_plot", "write_json"]
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -45,6 +45,20 @@ def format_table(results: Sequence[RunResult]) -> str:
         loss = "diverged" if r.diverged or not math.isfinite(r.final_train_loss) else f"{r.final_train_loss:.4f}"
         accuracy = f"{100 * r.final_val_accuracy:.2f}%" if math.isfinite(r.final_val_accuracy) else "-"
         rows.append((r.label, f"{r.learning_rate:g}", loss, accuracy, f"{r.seconds:.2f}", f"{r.steps_per_second:.0f}"))
+    return format_rows(header, rows)
+
+
+def format_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned.
+
+    Examples
+    --------
+    >>> print(format_rows(("rule", "GB/s"), [("sgd", "9.5"), ("adam", "12.0")]))
+    rule  GB/s
+    ----  ----
+    sgd    9.5
+    adam  12.0
+    """
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:

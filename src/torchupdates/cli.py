@@ -13,11 +13,12 @@ from collections.abc import Sequence
 
 from . import __version__
 from ._command import Command, CommandError, MissingDependencyError
+from .bench import COMMAND as BENCH
 from .compare import COMMAND as COMPARE
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS: tuple[Command, ...] = (COMPARE,)
+COMMANDS: tuple[Command, ...] = (COMPARE, BENCH)
 """The subcommands, in the order ``--help`` lists them."""
 
 PROG = "torchupdates"

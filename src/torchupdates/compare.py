@@ -17,14 +17,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._command import Command, CommandError, MissingDependencyError
+from ._command import (
+    Command,
+    CommandError,
+    MissingDependencyError,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    torch_threads,
+)
 from ._datasets import DataError, Dataset, load_dataset
 from ._report import best_result, format_table, results_document, save_plot, write_json
 from ._rulespec import DEFAULT_LEARNING_RATES, RULE_NAMES, SYNTAX_HELP, RuleSpec, parse_rules
@@ -37,36 +44,6 @@ DEFAULT_OUT = "torchupdates-compare"
 """Where results go when ``--out`` is not given (relative to the working directory)."""
 
 _DEFAULT_HIDDEN = (128, 128)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -89,7 +66,7 @@ def _rules(text: str) -> list[RuleSpec]:
 def _hidden(text: str) -> tuple[int, ...]:
     if text.strip() in ("", "none"):
         return ()
-    return tuple(_positive_int(part.strip()) for part in text.split(","))
+    return tuple(positive_int(part.strip()) for part in text.split(","))
 
 
 def _epilog() -> str:
@@ -116,11 +93,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="RULES",
         help="comma-separated rules to compare, e.g. 'adam,nesterov(rmsprop),sgd:0.1' (default: all nine rules)",
     )
-    add("--epochs", type=_positive_int, default=20, metavar="N", help="passes over the training set (default: 20)")
-    add("--batch-size", type=_positive_int, default=32, metavar="N", help="examples per step (default: 32)")
+    add("--epochs", type=positive_int, default=20, metavar="N", help="passes over the training set (default: 20)")
+    add("--batch-size", type=positive_int, default=32, metavar="N", help="examples per step (default: 32)")
     add(
         "--seed",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="seeds the split, the initial weights (shared by all rules) and the batch order (default: 0)",
@@ -128,14 +105,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--engine", choices=sorted(ENGINES), default="foreach", help="how the rules' formulas run (default: foreach)")
     add(
         "--max-norm",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="X",
         help="limit the norm of each unit's incoming weights to X, via the update dictionary (default: off)",
     )
     add(
         "--clip",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="X",
         help="rescale the gradients so that their total norm is at most X (default: off)",
@@ -156,7 +133,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] (t10k-* files, if present, "
         "are the validation set), an idx images file, or an .npz with arrays x and y",
     )
-    add("--limit", type=_positive_int, default=None, metavar="N", help="use a random subset of N examples")
+    add("--limit", type=positive_int, default=None, metavar="N", help="use a random subset of N examples")
     add(
         "--val-fraction",
         type=_fraction,
@@ -173,7 +150,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="torch CPU threads; results are reproducible for a given seed and thread count (default: 1)",
@@ -195,16 +172,6 @@ def _require(modules: Sequence[str]) -> None:
             f"the compare command needs {listed}, which {'is' if len(missing) == 1 else 'are'} not installed; "
             "install the demo extras with: pip install 'torchupdates[demo]'"
         )
-
-
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _prepare_out(out: Path) -> None:
@@ -308,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
     specs: list[RuleSpec] = args.rules if args.rules is not None else parse_rules(",".join(RULE_NAMES))
     _require(["matplotlib", *([] if args.quiet else ["tqdm"]), *(["sklearn"] if args.data is None else [])])
     config = TrainConfig(args.epochs, args.batch_size, args.seed, args.engine, args.max_norm, args.clip)
-    with _torch_threads(args.threads):
+    with torch_threads(args.threads):
         try:
             data = load_dataset(args.data, seed=args.seed, val_fraction=args.val_fraction, limit=args.limit)
         except DataError as error:
