@@ -542,6 +542,14 @@ def test_updates_dict(chain: Chain, engine: str) -> None:
 # --- float32 ------------------------------------------------------------------------------------
 
 
+def assert_float32_matches_reference(opt: torch.optim.Optimizer, params: list[torch.Tensor], ref: Any) -> None:
+    for p in params:
+        assert p.dtype == torch.float32
+        for key, value in opt.state[p].items():
+            assert value.dtype == (torch.int64 if key == "step" else torch.float32), key
+    assert_matches_reference(opt, params, ref, rtol=RTOL32, atol_scale=ATOL32)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("chain", CHAINS, ids=CHAIN_IDS)
 def test_float32_stays_float32(chain: Chain, engine: str) -> None:
@@ -552,11 +560,7 @@ def test_float32_stays_float32(chain: Chain, engine: str) -> None:
     for g in grads:
         opt.step(g)
         ref.step(as_numpy(g))
-    for p in params:
-        assert p.dtype == torch.float32
-        for key, value in opt.state[p].items():
-            assert value.dtype == (torch.int64 if key == "step" else torch.float32), key
-    assert_matches_reference(opt, params, ref, rtol=RTOL32, atol_scale=ATOL32)
+    assert_float32_matches_reference(opt, params, ref)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -579,11 +583,7 @@ def test_float32_with_float64_tensor_hyperparameters(rule: str, engine: str) -> 
             assert value.dtype == target.dtype, f"proposed {value.dtype} for a {target.dtype} tensor"
         opt.step(g)
         ref.step(as_numpy(g))
-    for p in params:
-        assert p.dtype == torch.float32
-        for key, value in opt.state[p].items():
-            assert value.dtype == (torch.int64 if key == "step" else torch.float32), key
-    assert_matches_reference(opt, params, ref, rtol=RTOL32, atol_scale=ATOL32)
+    assert_float32_matches_reference(opt, params, ref)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

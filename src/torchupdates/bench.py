@@ -187,20 +187,15 @@ def format_results(results: Sequence[BenchResult], engines: Sequence[str]) -> st
     return format_rows(header, rows)
 
 
-def _rule_names(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in CASES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown rule(s) {unknown or [text]}; choose from {', '.join(CASES)}")
-    return names
+def _names_from(choices: Sequence[str], kind: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {kind}(s) {unknown or [text]}; choose from {', '.join(choices)}")
+        return names
 
-
-def _engine_names(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in ENGINES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown engine(s) {unknown or [text]}; choose from {', '.join(ENGINES)}")
-    return names
+    return parse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -209,10 +204,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--numel", type=positive_float, default=4e6, metavar="N", help="parameter elements in all (default: 4e6)")
     add("--tensors", type=positive_int, default=200, metavar="N", help="number of parameter tensors (default: 200)")
     add("--repeat", type=positive_int, default=10, metavar="N", help="timed steps per measurement (default: 10)")
-    add("--rules", type=_rule_names, default=list(CASES), metavar="RULES", help="comma-separated rules (default: all)")
+    add(
+        "--rules",
+        type=_names_from(list(CASES), "rule"),
+        default=list(CASES),
+        metavar="RULES",
+        help="comma-separated rules (default: all)",
+    )
     add(
         "--engines",
-        type=_engine_names,
+        type=_names_from(list(ENGINES), "engine"),
         default=["foreach", "reference"],
         metavar="ENGINES",
         help="comma-separated torchupdates engines (default: foreach,reference)",
