@@ -158,7 +158,8 @@ def test_step_none_uses_dot_grad():
         assert torch.equal(p.detach(), b.detach() - 0.25 * g)
 
 
-def test_step_with_closure_returns_loss_and_steps_from_grad():
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_step_with_closure_returns_loss_and_steps_from_grad(by_keyword):
     params = make_params()
     reference = clones(params)
     opt = updates.rmsprop(params, 0.01)
@@ -176,13 +177,32 @@ def test_step_with_closure_returns_loss_and_steps_from_grad():
         expected_loss = _loss(params).detach()
         # torch.optim convention: the closure re-enables grad itself, step may run under no_grad
         with torch.no_grad():
-            returned = opt.step(closure)
+            returned = opt.step(closure=closure) if by_keyword else opt.step(closure)
         assert isinstance(returned, torch.Tensor)
         assert torch.equal(returned.detach(), expected_loss)
         ref_opt.step(_analytic_grads(reference))
     assert len(calls) == 3
     for p, r in zip(params, reference, strict=True):
         torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-12)
+
+
+def test_closure_by_keyword_in_updates_and_not_beside_gradients():
+    params = make_params()
+    opt = updates.adam(params, 0.01)
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(params)
+        loss.backward()
+        return loss
+
+    upd = opt.updates(closure=closure)
+    grads = [p.grad.clone() for p in params]
+    twin = updates.adam(clones(params), 0.01)
+    expected = list(twin.updates(grads).values())
+    assert all(torch.equal(a, b) for a, b in zip(upd.values(), expected, strict=True))
+    with pytest.raises(TypeError, match="either loss_or_grads or closure"):
+        opt.step(grads, closure=closure)
 
 
 def test_zero_grad():

@@ -261,7 +261,9 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- stepping ----------------------------------------------------------------------
 
-    def updates(self, loss_or_grads: LossOrGrads = None) -> OrderedDict[Tensor, Tensor]:
+    def updates(
+        self, loss_or_grads: LossOrGrads = None, *, closure: Callable[[], Any] | None = None
+    ) -> OrderedDict[Tensor, Tensor]:
         """The update dictionary of one step, without writing anything.
 
         Parameters
@@ -271,6 +273,8 @@ class Optimizer(torch.optim.Optimizer):
             one gradient per parameter in param-group order (``None`` entries skip a
             parameter), a closure that computes the loss and fills ``.grad``, or ``None``
             to use each parameter's ``.grad``.
+        closure : callable, optional
+            The closure by keyword, as ``torch.optim`` takes it (``step(closure=...)``).
 
         Returns
         -------
@@ -279,10 +283,7 @@ class Optimizer(torch.optim.Optimizer):
             included) mapped to its proposed new value. Edit it freely, then write it with
             :func:`apply_updates`.
         """
-        if callable(loss_or_grads) and not isinstance(loss_or_grads, Tensor):
-            with torch.enable_grad():
-                loss_or_grads()
-            loss_or_grads = None
+        _, loss_or_grads = self._run_closure(loss_or_grads, closure)
         per_slot: dict[int, list[tuple[Tensor, Tensor]]] = {}
         for batch in self._proposals(loss_or_grads, write=False):
             per_slot.update(batch)
@@ -291,24 +292,23 @@ class Optimizer(torch.optim.Optimizer):
         self._opt_called = True
         return OrderedDict(pair for index in sorted(per_slot) for pair in per_slot[index])
 
-    def step(self, loss_or_grads: LossOrGrads = None) -> Any:
+    # The first parameter also takes torch's closure, positionally or as closure=.
+    def step(self, loss_or_grads: LossOrGrads = None, *, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Update every parameter that has a gradient: ``apply_updates(self.updates(x))``.
 
         Parameters
         ----------
         loss_or_grads : Tensor, list of Tensor, callable or None
             As for :meth:`updates`.
+        closure : callable, optional
+            The closure by keyword, as ``torch.optim`` takes it (``step(closure=...)``).
 
         Returns
         -------
         The closure's loss when given a closure, the loss when given a loss, else ``None``.
         """
-        loss = None
-        if callable(loss_or_grads) and not isinstance(loss_or_grads, Tensor):
-            with torch.enable_grad():
-                loss = loss_or_grads()
-            loss_or_grads = None
-        elif isinstance(loss_or_grads, Tensor):
+        loss, loss_or_grads = self._run_closure(loss_or_grads, closure)
+        if isinstance(loss_or_grads, Tensor):
             loss = loss_or_grads
         # Each batch is written as soon as it is computed (while its tensors are in cache), and
         # the engine may write some results in place itself. Batches touch disjoint tensors and
@@ -317,6 +317,18 @@ class Optimizer(torch.optim.Optimizer):
         for batch in self._proposals(loss_or_grads, write=True):
             apply_updates(OrderedDict(pair for _, pairs in batch for pair in pairs))
         return loss
+
+    @staticmethod
+    def _run_closure(loss_or_grads: LossOrGrads, closure: Callable[[], Any] | None) -> tuple[Any, LossOrGrads]:
+        """Call the closure, if any, and return its loss and what to take gradients from."""
+        if closure is not None:
+            if loss_or_grads is not None:
+                raise TypeError("give either loss_or_grads or closure, not both")
+            loss_or_grads = closure
+        if callable(loss_or_grads) and not isinstance(loss_or_grads, Tensor):
+            with torch.enable_grad():
+                return loss_or_grads(), None
+        return None, loss_or_grads
 
     def _proposals(self, loss_or_grads: LossOrGrads, write: bool) -> Iterator[Batch]:
         slots = self._slots(loss_or_grads)
