@@ -70,6 +70,11 @@ def apply_momentum(optimizer: Optimizer, params: Iterable[Tensor] | None = None,
         When ``params`` holds a tensor the optimizer does not optimize, or ``momentum`` is
         out of range.
 
+    References
+    ----------
+    .. [1] Polyak, B. T. (1964): Some methods of speeding up the convergence of iteration
+       methods. USSR Computational Mathematics and Mathematical Physics, 4(5):1-17.
+
     Examples
     --------
     >>> import torch, torchupdates as updates
