@@ -13,6 +13,7 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import Tensor
 
+from ._sqrt import sqrt_tensor
 from ._tensorlist import TensorList
 
 Value = Tensor | TensorList
@@ -30,9 +31,11 @@ def sqrt(x: float) -> float: ...
 @overload
 def sqrt(x: V) -> V: ...
 def sqrt(x: float | V) -> float | V:
-    """Square root, elementwise."""
-    if isinstance(x, (Tensor, TensorList)):
+    """Square root, elementwise, correctly rounded (see :mod:`torchupdates._sqrt`)."""
+    if isinstance(x, TensorList):
         return x.sqrt()
+    if isinstance(x, Tensor):
+        return sqrt_tensor(x)
     return math.sqrt(x)
 
 

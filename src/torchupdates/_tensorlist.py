@@ -19,6 +19,8 @@ from typing import TypeGuard
 import torch
 from torch import Tensor
 
+from ._sqrt import sqrt_list, sqrt_list_
+
 Scalar = float | int | Tensor
 """A hyperparameter or coefficient: a Python number or a 0-d tensor."""
 
@@ -32,7 +34,7 @@ _KERNELS: dict[str, tuple[Callable[..., Sequence[Tensor]], Callable[..., None]]]
     "maximum": (torch._foreach_maximum, torch._foreach_maximum_),
     "neg": (torch._foreach_neg, torch._foreach_neg_),
     "abs": (torch._foreach_abs, torch._foreach_abs_),
-    "sqrt": (torch._foreach_sqrt, torch._foreach_sqrt_),
+    "sqrt": (sqrt_list, sqrt_list_),
 }
 _COMMUTATIVE = {"add", "mul"}  # IEEE addition and multiplication: a op b == b op a, bit for bit
 
