@@ -9,8 +9,6 @@ from torch import Tensor
 
 __all__ = ["get_or_compute_grads"]
 
-LossOrGrads = "Tensor | Sequence[Tensor | None] | Callable[[], Tensor] | None"
-
 
 def describe(position: int, param: Tensor, group: int | None = None) -> str:
     """How error messages name a parameter: its position, group, shape and dtype."""
