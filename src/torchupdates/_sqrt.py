@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .apply import copy_into
+
 _NARROW = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -30,13 +32,17 @@ def sqrt_tensor(tensor: Tensor) -> Tensor:
     return torch.sqrt(tensor)
 
 
+def _roots_in_float64(tensors: Sequence[Tensor]) -> list[Tensor]:
+    wide = [t.double() for t in tensors]
+    torch._foreach_sqrt_(wide)
+    return wide
+
+
 def sqrt_list(tensors: Sequence[Tensor]) -> list[Tensor]:
     """:func:`sqrt_tensor` of every tensor of a list (of one device and dtype), foreach."""
     if not tensors or not _via_float64(tensors[0]):
         return list(torch._foreach_sqrt(list(tensors)))
-    wide = [t.double() for t in tensors]
-    torch._foreach_sqrt_(wide)
-    return [w.to(t.dtype) for w, t in zip(wide, tensors, strict=True)]
+    return [root.to(t.dtype) for root, t in zip(_roots_in_float64(tensors), tensors, strict=True)]
 
 
 def sqrt_list_(tensors: Sequence[Tensor]) -> None:
@@ -44,7 +50,4 @@ def sqrt_list_(tensors: Sequence[Tensor]) -> None:
     if not tensors or not _via_float64(tensors[0]):
         torch._foreach_sqrt_(list(tensors))
         return
-    wide = [t.double() for t in tensors]
-    torch._foreach_sqrt_(wide)
-    for tensor, root in zip(tensors, wide, strict=True):
-        tensor.copy_(root)  # one by one: tensor subclasses (DTensor) may lack a foreach copy
+    copy_into(list(tensors), _roots_in_float64(tensors))

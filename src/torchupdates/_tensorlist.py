@@ -24,8 +24,6 @@ from ._sqrt import sqrt_list, sqrt_list_
 Scalar = float | int | Tensor
 """A hyperparameter or coefficient: a Python number or a 0-d tensor."""
 
-Operand = "TensorList | float | int | Tensor"
-
 _KERNELS: dict[str, tuple[Callable[..., Sequence[Tensor]], Callable[..., None]]] = {
     "add": (torch._foreach_add, torch._foreach_add_),
     "sub": (torch._foreach_sub, torch._foreach_sub_),

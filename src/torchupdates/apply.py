@@ -55,8 +55,14 @@ def apply_updates(updates: Mapping[Tensor, Tensor]) -> None:
         values.append(value)
     with torch.no_grad():
         for targets, values in batches.values():
-            if type(targets[0]) in _PLAIN_TENSORS:
-                torch._foreach_copy_(targets, values)
-            else:  # tensor subclasses (DTensor under FSDP2) may lack a foreach copy
-                for target, value in zip(targets, values, strict=True):
-                    target.copy_(value)
+            copy_into(targets, values)
+
+
+def copy_into(targets: list[Tensor], values: list[Tensor]) -> None:
+    """``target.copy_(value)`` for each pair: one foreach copy for plain tensors of one kind,
+    one by one for tensor subclasses (DTensor under FSDP2 has no foreach copy)."""
+    if all(type(target) in _PLAIN_TENSORS for target in targets):
+        torch._foreach_copy_(targets, values)
+        return
+    for target, value in zip(targets, values, strict=True):
+        target.copy_(value)

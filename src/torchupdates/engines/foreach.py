@@ -111,10 +111,9 @@ def _pairs(
 ) -> list[tuple[Tensor, Tensor]]:
     """The pairs of one slot that are still to be written (all of them when nothing was)."""
     (proposals, param_done), *state_results = results
-    pairs = pairs_for_slot(
+    return pairs_for_slot(
         stages,
         slot,
         None if param_done else proposals[k],
         {key: tensors[k] for key, (tensors, in_place) in zip(keys, state_results, strict=True) if not in_place},
     )
-    return pairs
