@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .apply import apply_updates
-from .engines import ENGINES, Batch, Slot, Stage
+from .engines import ENGINES, Batch, Engine, Slot, Stage
 from .grads import check_leaf, compute_grads, describe
 from .transform import Transform, check_hyperparameter, defaults_of, zero_state
 
@@ -337,7 +337,15 @@ class Optimizer(torch.optim.Optimizer):
             for group in self.param_groups
         ]
         with torch.no_grad():
-            yield from ENGINES[self.engine](self._stages, slots, hyperparameters, write)
+            yield from self._engine_runner()(self._stages, slots, hyperparameters, write)
+
+    def _engine_runner(self) -> Engine:
+        """This optimizer's instance of its engine, made at first use (engines may keep
+        buffers between steps; a copy or an unpickled optimizer makes its own)."""
+        runners: dict[str, Engine] = self.__dict__.setdefault("_engine_runners", {})
+        if self.engine not in runners:
+            runners[self.engine] = ENGINES[self.engine]()
+        return runners[self.engine]
 
     def _slots(self, loss_or_grads: LossOrGrads) -> list[Slot]:
         self._check_options()

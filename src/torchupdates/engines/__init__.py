@@ -28,9 +28,13 @@ With ``write`` (a step, every input already checked) an engine may write results
 into the parameters and state; it yields the (target, value) pairs still to be written.
 """
 
-ENGINES: dict[str, Engine] = {
-    "reference": propose_reference,
-    "foreach": propose_foreach,
+EngineFactory = Callable[[], Engine]
+"""Makes the engine one optimizer uses. An engine that keeps buffers between steps (one per
+optimizer) is an object with ``__call__``; a stateless engine's factory returns a function."""
+
+ENGINES: dict[str, EngineFactory] = {
+    "reference": lambda: propose_reference,
+    "foreach": lambda: propose_foreach,
 }
 
-__all__ = ["ENGINES", "Batch", "Engine", "Slot", "Stage"]
+__all__ = ["ENGINES", "Batch", "Engine", "EngineFactory", "Slot", "Stage"]
