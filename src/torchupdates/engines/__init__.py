@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._chain import Batch, Slot, Stage
+from .compiled import CompiledEngine
 from .foreach import propose_foreach
 from .reference import propose_reference
 
@@ -35,6 +36,7 @@ optimizer) is an object with ``__call__``; a stateless engine's factory returns 
 ENGINES: dict[str, EngineFactory] = {
     "reference": lambda: propose_reference,
     "foreach": lambda: propose_foreach,
+    "compiled": CompiledEngine,
 }
 
 __all__ = ["ENGINES", "Batch", "Engine", "EngineFactory", "Slot", "Stage"]

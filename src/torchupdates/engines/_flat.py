@@ -1,0 +1,139 @@
+"""Flat buffers: the parameters, gradients and state of many tensors in one tensor each.
+
+A fused kernel reads and writes one long buffer per role (parameters, gradients, each state
+entry) instead of hundreds of tensors. Each member tensor owns a range of its bucket's buffers,
+laid out in the member's own memory order (so a channels_last weight, its gradient and its state
+line up element for element), and the tensors the user sees can be *adopted*: turned into views
+of that range (``p.data = view``), so that a step needs no copies at all.
+
+Nothing here trusts that an adopted tensor stays adopted. Users and frameworks replace tensors
+(``zero_grad`` sets ``.grad`` to None, DDP writes its own gradient buckets, ``model.to()``
+reassigns ``p.data``, ``load_state_dict`` replaces state tensors), so every step compares each
+tensor with its range and copies the ones that moved (:meth:`FlatBucket.gather`); what the kernel
+computed for a tensor that is not a view is copied back (:meth:`FlatBucket.scatter_pairs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The plain tensor holding this process's elements (a DTensor's shard)."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
+def real(tensor: Tensor) -> Tensor:
+    """A complex tensor viewed as real (a trailing dimension of 2); others unchanged."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def dense_strides(tensor: Tensor) -> tuple[int, ...] | None:
+    """The tensor's strides when its elements fill a block of memory without gaps or overlap
+    (contiguous, channels_last, any permutation), else ``None``."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride(), strict=True), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return None
+        expected *= size
+    return tuple(tensor.stride())
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where one member's elements lie in its bucket's buffers, and in which order."""
+
+    offset: int
+    shape: tuple[int, ...]  # of the real view
+    strides: tuple[int, ...]
+    complex_dtype: torch.dtype | None  # the member's dtype when it is complex
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    def view(self, flat: Tensor) -> Tensor:
+        """The member's tensor inside ``flat``, shaped and strided like the member."""
+        viewed = flat.as_strided(self.shape, self.strides, flat.storage_offset() + self.offset)
+        return torch.view_as_complex(viewed) if self.complex_dtype is not None else viewed
+
+
+def _span(tensor: Tensor, offset: int) -> Span:
+    view = real(local(tensor))
+    strides = dense_strides(view) or contiguous_strides(view.shape)
+    return Span(offset, tuple(view.shape), strides, tensor.dtype if tensor.is_complex() else None)
+
+
+class FlatBucket:
+    """The buffers of one batch of parameters: one per role, each with a range per member.
+
+    Parameters
+    ----------
+    params : sequence of Tensor
+        The members, in the order the step's slots list them.
+    roles : dict
+        Role name (``"param"``, ``"grad"``, a state key) -> the real dtype of its buffer.
+    device : torch.device
+        Where the buffers live.
+    """
+
+    def __init__(self, params: Sequence[Tensor], roles: dict[str, torch.dtype], device: torch.device) -> None:
+        self.params = list(params)
+        self.spans: list[Span] = []
+        total = 0
+        for param in self.params:
+            span = _span(param, total)
+            self.spans.append(span)
+            total += span.numel
+        self.numel = total
+        # Dynamic-shape kernels specialise on lengths 0 and 1; a length of at least 2 avoids a
+        # second compilation for a bucket of one scalar. Padding is computed on and never read.
+        self.buffers = {role: torch.zeros(max(total, 2), dtype=dtype, device=device) for role, dtype in roles.items()}
+
+    def views(self, role: str) -> list[Tensor]:
+        return [span.view(self.buffers[role]) for span in self.spans]
+
+    def holds(self, role: str, index: int, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is exactly member ``index``'s range of ``role``'s buffer."""
+        if type(tensor) not in _PLAIN:
+            return False
+        span = self.spans[index]
+        view = real(tensor)
+        flat = self.buffers[role]
+        return (
+            view.dtype == flat.dtype
+            and view.data_ptr() == flat.data_ptr() + span.offset * flat.element_size()
+            and tuple(view.shape) == span.shape
+            and tuple(view.stride()) == span.strides
+        )
+
+    def gather(self, role: str, tensors: Sequence[Tensor]) -> list[int]:
+        """Copy into the buffer every tensor that is not already its own range; return their
+        member indices (those whose results must be copied back, unless adopted)."""
+        moved = [i for i, tensor in enumerate(tensors) if not self.holds(role, i, tensor)]
+        if moved:
+            views = self.views(role)
+            with torch.no_grad():
+                for i in moved:
+                    views[i].copy_(local(tensors[i]))
+        return moved
+
+    def adoptable(self, index: int, tensor: Tensor) -> bool:
+        """Whether ``tensor`` can become a view of its range: a plain tensor laid out like it."""
+        return type(tensor) in _PLAIN and dense_strides(real(tensor)) == self.spans[index].strides

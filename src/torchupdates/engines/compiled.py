@@ -1,0 +1,269 @@
+"""The compiled engine: one fused kernel per chain of formulas, over flat buffers.
+
+A step records the chain's formulas once more on symbolic operands (the same recording the
+foreach engine runs), and turns the record into a small Python function of plain torch
+operations: ``kernel(param, grad, *state, *coefficients)``. ``torch.compile`` (Inductor)
+fuses it into one loop that reads each element of the parameters, gradients and state once
+and writes the parameters and state once: the memory traffic a step cannot avoid. The
+kernel runs over :class:`~torchupdates.engines._flat.FlatBucket` buffers, so one call
+updates every tensor of a batch however many there are.
+
+Coefficients (the learning rate, ``1 - rho``, Adam's bias correction at step ``t``, ...) are
+computed in Python exactly as on the eager engines and passed as 0-d tensors: a new value
+is a new input, never a new kernel, so schedulers and in-place changes do not recompile.
+
+Exactness: each recorded operation is one IEEE operation per element, in the formula's
+order. Inductor's C++ is built without FMA contraction and its square root is correctly
+rounded; on CUDA, contraction of ``a * b + c`` into FMA is turned off for these kernels
+(``emulate_precision_casts``). So float32 results equal the eager engines' bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from numbers import Real
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from .._tensorlist import Graph, TensorList
+from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain
+from ._flat import FlatBucket, local, real
+from .reference import propose_reference
+
+__all__ = ["CompiledEngine", "CompilerMissingError", "require_compiler"]
+
+_FUNCTIONS = {
+    "add": "torch.add",
+    "sub": "torch.sub",
+    "mul": "torch.mul",
+    "div": "torch.div",
+    "maximum": "torch.maximum",
+    "neg": "torch.neg",
+    "abs": "torch.abs",
+    "sqrt": "torch.sqrt",
+}
+_COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
+class CompilerMissingError(RuntimeError):
+    """``engine="compiled"`` cannot compile kernels for a device on this machine."""
+
+
+@functools.cache
+def _cpp_compiler(search: tuple[str | None, ...]) -> str | None:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except ImportError:
+        return shutil.which("g++") or shutil.which("c++")
+    except Exception:  # Inductor raises its own InvalidCxxCompiler
+        return None
+
+
+def require_compiler(device_types: set[str]) -> None:
+    """Raise :class:`CompilerMissingError`, naming the fix, unless kernels can be compiled
+    for every device type given."""
+    if "cpu" in device_types:
+        from torch._inductor import config
+
+        cxx = config.cpp.cxx
+        if _cpp_compiler(tuple(cxx) if isinstance(cxx, (list, tuple)) else (cxx,)) is None:
+            raise CompilerMissingError(
+                'engine="compiled" needs a C++ compiler for CPU tensors and torch.compile found none. '
+                'Install one (e.g. g++: "apt-get install g++"), or use engine="foreach" (no compiler needed).'
+            )
+    if device_types - {"cpu"}:
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise CompilerMissingError(
+                f'engine="compiled" needs Triton for {sorted(device_types - {"cpu"})} tensors and it is not '
+                'installed. Install triton, or use engine="foreach".'
+            )
+
+
+def _coefficient(value: object, device: torch.device) -> Tensor:
+    """A kernel input for a scalar operand: a Python number becomes a 0-d float64 tensor,
+    which the kernel rounds to the working dtype exactly as eager torch rounds the number."""
+    if isinstance(value, Tensor):
+        return value if value.device == device or device.type == "cpu" else value.to(device)
+    assert isinstance(value, Real)
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+class _Program:
+    """One step's formulas as kernel source, and the coefficients to call it with."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        leaves: dict[str, TensorList],
+        outputs: dict[str, TensorList],
+        dtypes: dict[str, torch.dtype],
+        work_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        names: dict[int, str] = {leaf.index: role for role, leaf in leaves.items()}
+        self.coefficients: list[Tensor] = []
+        body: list[str] = []
+        for role, leaf in leaves.items():
+            cast_to = "" if dtypes[role] == work_dtype else f".to({work_dtype})"
+            names[leaf.index] = f"w_{role}"
+            body.append(f"    w_{role} = {role}{cast_to}")
+        for node in graph.nodes:
+            if node.op == "leaf":
+                continue
+            args = []
+            for arg in node.args:
+                if isinstance(arg, TensorList):
+                    args.append(names[arg.index])
+                else:
+                    args.append(f"c{len(self.coefficients)}")
+                    self.coefficients.append(_coefficient(arg, device))
+            names[node.index] = f"v{node.index}"
+            body.append(f"    v{node.index} = {_FUNCTIONS[node.op]}({', '.join(args)})")
+        inputs = [*leaves, *(f"c{k}" for k in range(len(self.coefficients)))]
+        self.results = {role: names[node.index] for role, node in outputs.items()}
+        self.dtypes = dtypes
+        self.header = f"def kernel({', '.join(inputs)}):"
+        self.body = body
+
+    def source(self, write: bool) -> str:
+        """The kernel: it writes results into its inputs (``write``) or returns them."""
+        if write:
+            tail = [f"    {role}.copy_({name})" for role, name in self.results.items() if name != f"w_{role}"]
+        else:
+            values = [f"{name}.to({self.dtypes[role]})" for role, name in self.results.items()]
+            tail = [f"    return ({', '.join(values)},)"]
+        return "\n".join([self.header, *self.body, *tail]) + "\n"
+
+
+@functools.cache
+def _compiled(source: str) -> Callable[..., Any]:
+    """Compile a kernel's source once per process (Inductor caches its code on disk too)."""
+    namespace: dict[str, Any] = {"torch": torch}
+    exec(compile(source, f"<torchupdates kernel {hash(source) & 0xFFFFFFFF:08x}>", "exec"), namespace)
+    return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS)
+
+
+def _batch_key(slot: Slot) -> Hashable:
+    return (
+        slot.group,
+        slot.param.device,
+        slot.work_dtype,
+        slot.param.dtype,
+        slot.steps,
+        slot.applies,
+        tuple(slot.state),
+    )
+
+
+class CompiledEngine:
+    """``engine="compiled"``: the buffers and kernels of one optimizer.
+
+    Every step batches the slots as the foreach engine does (param group, device, dtypes,
+    step counts, which stages apply), keeps one :class:`FlatBucket` per batch between
+    steps, and runs one kernel per batch. In a step, the parameters and state of a batch
+    become views of its buffers (and gradients too when they are ``.grad``), so later steps
+    copy nothing; anything replaced since the last step is copied in first.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[Hashable, FlatBucket] = {}
+
+    def __call__(
+        self,
+        stages: Sequence[Stage],
+        slots: Sequence[Slot],
+        hyperparameters: Sequence[Sequence[dict[str, Any]]],
+        write: bool = False,
+    ) -> Iterator[Batch]:
+        if torch.compiler.is_compiling():
+            # Inside a user's torch.compile the step is traced into the user's graph: the
+            # per-tensor formulas fuse there, and buffers are not this engine's to manage.
+            yield from propose_reference(stages, slots, hyperparameters, write)
+            return
+        batches: dict[Hashable, list[int]] = defaultdict(list)
+        for index, slot in enumerate(slots):
+            batches[_batch_key(slot)].append(index)
+        for key, indices in batches.items():
+            members = [slots[i] for i in indices]
+            if not any(slot.param.numel() for slot in members):
+                for batch in propose_reference(stages, members, hyperparameters, write):
+                    yield [(indices[i], pairs) for i, pairs in batch]
+                continue
+            bucket = self._bucket(key, members)
+            program = self._record(stages, hyperparameters[members[0].group], members[0], bucket)
+            yield list(zip(indices, self._run(stages, members, bucket, program, write), strict=True))
+
+    def _bucket(self, key: Hashable, members: Sequence[Slot]) -> FlatBucket:
+        first = members[0]
+        ids = tuple(id(slot.param) for slot in members)
+        full_key = (key[:4], key[5:], ids)  # everything but the step counts
+        bucket = self._buckets.get(full_key)
+        if bucket is None or any(a is not b for a, b in zip(bucket.params, (s.param for s in members), strict=True)):
+            roles = {"param": real(first.param).dtype, "grad": real(first.grad).dtype}
+            roles.update({key: real(tensor).dtype for key, tensor in first.state.items()})
+            bucket = FlatBucket([slot.param for slot in members], roles, first.param.device)
+            # A parameter belongs to one bucket: drop older buckets of any of these parameters.
+            taken = set(ids)
+            self._buckets = {k: b for k, b in self._buckets.items() if not taken & {id(p) for p in b.params}}
+            self._buckets[full_key] = bucket
+        return bucket
+
+    @staticmethod
+    def _record(
+        stages: Sequence[Stage], hyperparameters: Sequence[dict[str, Any]], first: Slot, bucket: FlatBucket
+    ) -> _Program:
+        graph = Graph()
+        leaves = {role: graph.leaf([]) for role in bucket.buffers}
+        state = {key: leaves[key] for key in first.state}
+        proposal, new_state = run_chain(
+            stages, hyperparameters, leaves["param"], leaves["grad"], cast("dict[str, Any]", state), first.steps, first.applies
+        )
+        outputs = {"param": cast(TensorList, proposal), **cast("dict[str, TensorList]", new_state)}
+        dtypes = {role: buffer.dtype for role, buffer in bucket.buffers.items()}
+        device = bucket.buffers["param"].device
+        return _Program(graph, leaves, outputs, dtypes, first.work_dtype, device)
+
+    @staticmethod
+    def _run(
+        stages: Sequence[Stage], members: Sequence[Slot], bucket: FlatBucket, program: _Program, write: bool
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        targets = {"param": [s.param for s in members], **{k: [s.state[k] for s in members] for k in members[0].state}}
+        moved = {role: bucket.gather(role, tensors) for role, tensors in targets.items()}
+        grads = [s.grad for s in members]
+        moved_grads = bucket.gather("grad", grads)
+        buffers = list(bucket.buffers.values())
+        kernel = _compiled(program.source(write))
+        if not write:
+            results = dict(zip(program.results, kernel(*buffers, *program.coefficients), strict=True))
+            pairs = []
+            for i, slot in enumerate(members):
+                span = bucket.spans[i]
+                own = [(slot.param, span.view(results["param"]))]
+                own += [(slot.state[key], span.view(results[key])) for key in slot.state if key in results]
+                pairs.append(own + pairs_for_slot(stages, slot, None, {}))
+            return pairs
+        with torch.no_grad():
+            kernel(*buffers, *program.coefficients)
+            for role, indices in moved.items():
+                views = bucket.views(role)
+                for i in indices:
+                    target = targets[role][i]
+                    if bucket.adoptable(i, target):
+                        target.data = views[i]
+                    else:
+                        local(target).copy_(views[i])
+            grad_views = bucket.views("grad")
+            for i in moved_grads:
+                slot = members[i]
+                if slot.grad is slot.param.grad and bucket.adoptable(i, slot.grad):
+                    slot.param.grad = grad_views[i]
+        return [pairs_for_slot(stages, slot, None, {}) for slot in members]
