@@ -105,35 +105,67 @@ class FlatBucket:
         # Dynamic-shape kernels specialise on lengths 0 and 1; a length of at least 2 avoids a
         # second compilation for a bucket of one scalar. Padding is computed on and never read.
         self.buffers = {role: torch.zeros(max(total, 2), dtype=dtype, device=device) for role, dtype in roles.items()}
+        self._counters: dict[str, Tensor] = {}
+        # Per role, the tensor last seen in each range (a view of it) and the range's address.
+        self._held: dict[str, list[Tensor | None]] = {role: [None] * len(self.params) for role in roles}
+        self._addresses = {
+            role: [buffer.data_ptr() + span.offset * buffer.element_size() for span in self.spans]
+            for role, buffer in self.buffers.items()
+        }
 
-    def views(self, role: str) -> list[Tensor]:
-        return [span.view(self.buffers[role]) for span in self.spans]
+    def set_counters(self, key: str, value: int, counters: Sequence[Tensor]) -> None:
+        """Write ``value`` into every member's step counter under ``key`` with one fill:
+        the counters (0-d int64 tensors) become views of one buffer the first time."""
+        buffer = self._counters.get(key)
+        if buffer is None:
+            buffer = self._counters[key] = torch.zeros(len(self.params), dtype=torch.int64, device=counters[0].device)
+        buffer.fill_(value)
+        held = self._held.setdefault(key, [None] * len(self.params))
+        for i, counter in enumerate(counters):
+            if counter is held[i] and counter.data_ptr() == buffer.data_ptr() + 8 * i:
+                continue
+            if type(counter) in _PLAIN and counter.dtype == torch.int64 and counter.device == buffer.device:
+                counter.data = buffer.as_strided((), (), i)
+                held[i] = counter
+            else:
+                counter.fill_(value)
+
+    def view(self, role: str, index: int) -> Tensor:
+        return self.spans[index].view(self.buffers[role])
 
     def holds(self, role: str, index: int, tensor: Tensor) -> bool:
         """Whether ``tensor`` is exactly member ``index``'s range of ``role``'s buffer."""
+        if tensor is self._held[role][index]:
+            # The same tensor object: only ``.data`` reassignment can have moved it.
+            return tensor.data_ptr() == self._addresses[role][index]
         if type(tensor) not in _PLAIN:
             return False
         span = self.spans[index]
         view = real(tensor)
-        flat = self.buffers[role]
-        return (
-            view.dtype == flat.dtype
-            and view.data_ptr() == flat.data_ptr() + span.offset * flat.element_size()
+        held = (
+            view.dtype == self.buffers[role].dtype
+            and view.data_ptr() == self._addresses[role][index]
             and tuple(view.shape) == span.shape
             and tuple(view.stride()) == span.strides
         )
+        if held:
+            self._held[role][index] = tensor
+        return held
 
     def gather(self, role: str, tensors: Sequence[Tensor]) -> list[int]:
         """Copy into the buffer every tensor that is not already its own range; return their
         member indices (those whose results must be copied back, unless adopted)."""
         moved = [i for i, tensor in enumerate(tensors) if not self.holds(role, i, tensor)]
-        if moved:
-            views = self.views(role)
-            with torch.no_grad():
-                for i in moved:
-                    views[i].copy_(local(tensors[i]))
+        with torch.no_grad():
+            for i in moved:
+                self.view(role, i).copy_(local(tensors[i]))
         return moved
 
-    def adoptable(self, index: int, tensor: Tensor) -> bool:
-        """Whether ``tensor`` can become a view of its range: a plain tensor laid out like it."""
-        return type(tensor) in _PLAIN and dense_strides(real(tensor)) == self.spans[index].strides
+    def adopt(self, role: str, index: int, tensor: Tensor) -> bool:
+        """Make ``tensor`` a view of its range (``tensor.data = view``) when it is a plain
+        tensor laid out like the range; return whether it was."""
+        if type(tensor) not in _PLAIN or dense_strides(real(tensor)) != self.spans[index].strides:
+            return False
+        tensor.data = self.view(role, index)
+        self._held[role][index] = tensor
+        return True

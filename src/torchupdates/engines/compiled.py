@@ -47,7 +47,9 @@ _FUNCTIONS = {
     "abs": "torch.abs",
     "sqrt": "torch.sqrt",
 }
-_COMPILE_OPTIONS = {"emulate_precision_casts": True}
+# emulate_precision_casts: on CUDA, no contraction into FMA (and casts as eager rounds them).
+# cpp.dynamic_threads: a parallel loop whatever length the kernel was first compiled for.
+_COMPILE_OPTIONS = {"emulate_precision_casts": True, "cpp.dynamic_threads": True}
 
 
 class CompilerMissingError(RuntimeError):
@@ -254,16 +256,19 @@ class CompiledEngine:
         with torch.no_grad():
             kernel(*buffers, *program.coefficients)
             for role, indices in moved.items():
-                views = bucket.views(role)
                 for i in indices:
                     target = targets[role][i]
-                    if bucket.adoptable(i, target):
-                        target.data = views[i]
-                    else:
-                        local(target).copy_(views[i])
-            grad_views = bucket.views("grad")
+                    if not bucket.adopt(role, i, target):
+                        local(target).copy_(bucket.view(role, i))
             for i in moved_grads:
                 slot = members[i]
-                if slot.grad is slot.param.grad and bucket.adoptable(i, slot.grad):
-                    slot.param.grad = grad_views[i]
-        return [pairs_for_slot(stages, slot, None, {}) for slot in members]
+                # Only .grad is ours to re-point; a gradient passed to step() is the caller's.
+                if slot.grad is slot.param.grad and type(slot.grad) in (Tensor, torch.nn.Parameter):
+                    view = bucket.view("grad", i)
+                    if view.stride() == slot.grad.stride():
+                        slot.param.grad = view
+            first = members[0]
+            for stage, t in zip(stages, first.steps, strict=True):
+                if stage.step_key is not None and t is not None:
+                    bucket.set_counters(stage.step_key, t, [slot.counters[stage.step_key] for slot in members])
+        return [[] for _ in members]
