@@ -227,7 +227,13 @@ class CompiledEngine:
         leaves = {role: graph.leaf([]) for role in bucket.buffers}
         state = {key: leaves[key] for key in first.state}
         proposal, new_state = run_chain(
-            stages, hyperparameters, leaves["param"], leaves["grad"], cast("dict[str, Any]", state), first.steps, first.applies
+            stages,
+            hyperparameters,
+            leaves["param"],
+            leaves["grad"],
+            cast("dict[str, Any]", state),
+            first.steps,
+            first.applies,
         )
         outputs = {"param": cast(TensorList, proposal), **cast("dict[str, TensorList]", new_state)}
         dtypes = {role: buffer.dtype for role, buffer in bucket.buffers.items()}
