@@ -49,7 +49,10 @@ _FUNCTIONS = {
 }
 # emulate_precision_casts: on CUDA, no contraction into FMA (and casts as eager rounds them).
 # cpp.dynamic_threads: a parallel loop whatever length the kernel was first compiled for.
-_COMPILE_OPTIONS = {"emulate_precision_casts": True, "cpp.dynamic_threads": True}
+_COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
+    "emulate_precision_casts": True,
+    "cpp.dynamic_threads": True,
+}
 
 
 class CompilerMissingError(RuntimeError):
@@ -154,7 +157,7 @@ def _compiled(source: str) -> Callable[..., Any]:
     return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS)
 
 
-def _batch_key(slot: Slot) -> Hashable:
+def _batch_key(slot: Slot) -> tuple[Any, ...]:
     return (
         slot.group,
         slot.param.device,
@@ -191,7 +194,7 @@ class CompiledEngine:
             # per-tensor formulas fuse there, and buffers are not this engine's to manage.
             yield from propose_reference(stages, slots, hyperparameters, write)
             return
-        batches: dict[Hashable, list[int]] = defaultdict(list)
+        batches: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for index, slot in enumerate(slots):
             batches[_batch_key(slot)].append(index)
         for key, indices in batches.items():
@@ -204,7 +207,7 @@ class CompiledEngine:
             program = self._record(stages, hyperparameters[members[0].group], members[0], bucket)
             yield list(zip(indices, self._run(stages, members, bucket, program, write), strict=True))
 
-    def _bucket(self, key: Hashable, members: Sequence[Slot]) -> FlatBucket:
+    def _bucket(self, key: tuple[Any, ...], members: Sequence[Slot]) -> FlatBucket:
         first = members[0]
         ids = tuple(id(slot.param) for slot in members)
         full_key = (key[:4], key[5:], ids)  # everything but the step counts
