@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import torchupdates as updates
+from compiler import compiler_available
 
 fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
 
@@ -26,6 +27,8 @@ RULES: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "nesterov(rmsprop)": lambda p: updates.apply_nesterov_momentum(updates.rmsprop(p, 0.01)),
     "adadelta/reference": lambda p: updates.adadelta(p, engine="reference"),
 }
+if compiler_available():
+    RULES["momentum(adam)/compiled"] = lambda p: updates.apply_momentum(updates.adam(p, 0.01, engine="compiled"))
 STEPS = 4
 
 

@@ -1,0 +1,188 @@
+"""``engine="compiled"``: layouts, replaced tensors, checkpoints and recompilation.
+
+The exactness of every rule and composition on this engine is tested with the others (in
+``test_exactness.py``: float64 against the NumPy transcription, float32 bit for bit against the
+eager engines). Here the things only this engine can get wrong: its flat buffers must follow
+whatever the user or a framework does to parameters, gradients and state between steps, and a
+changed hyperparameter must not compile a new kernel. The eager foreach engine is the yardstick:
+float32 results must equal its results bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import torchupdates
+from compiler import needs_compiler
+
+pytestmark = needs_compiler
+
+Build = Callable[..., torchupdates.Optimizer]
+CHAINS: dict[str, Build] = {
+    "adam": lambda p, **k: torchupdates.adam(p, 0.01, **k),
+    "nesterov(rmsprop)": lambda p, **k: torchupdates.apply_nesterov_momentum(torchupdates.rmsprop(p, 0.01, **k)),
+    "momentum(adadelta, subset)": lambda p, **k: torchupdates.apply_momentum(torchupdates.adadelta(p, **k), p[1:3]),
+}
+
+
+def make_params(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """One tensor of each layout: plain, channels_last, a transposed (non-contiguous) leaf,
+    0-d, empty, and complex."""
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
+    tensors = [
+        randn(3, 4),
+        randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        randn(5, 3).t(),
+        randn(),
+        randn(0, 3),
+        randn(4, dtype=torch.complex64 if dtype == torch.float32 else torch.complex128),
+    ]
+    return [t.detach().requires_grad_(True) for t in tensors]
+
+
+def gradients(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+
+
+def assert_same(a: torchupdates.Optimizer, pa: list[torch.Tensor], b: torchupdates.Optimizer, pb: list[torch.Tensor]):
+    for i, (x, y) in enumerate(zip(pa, pb, strict=True)):
+        assert x.dtype == y.dtype and torch.equal(x.detach(), y.detach()), f"param {i}"
+        assert set(a.state[x]) == set(b.state[y]), f"param {i} state keys"
+        for key, value in a.state[x].items():
+            assert torch.equal(value, b.state[y][key]), f"param {i} state {key}"
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_every_layout_equals_foreach(chain: str) -> None:
+    runs = []
+    for engine in ("foreach", "compiled"):
+        params = make_params()
+        opt = CHAINS[chain](params, engine=engine)
+        for k in range(4):
+            for p, g in zip(params, gradients(params, k), strict=True):
+                p.grad = g
+            opt.step()
+        runs.append((opt, params))
+    assert_same(*runs[0], *runs[1])
+    compiled_params = runs[1][1]
+    assert compiled_params[1].is_contiguous(memory_format=torch.channels_last)
+    assert compiled_params[2].stride() == (1, 3)
+
+
+def test_low_precision_parameters_with_float32_state() -> None:
+    runs = []
+    for engine in ("foreach", "compiled"):
+        params = [p.detach().to(torch.bfloat16).requires_grad_(True) for p in make_params()[:4]]
+        opt = torchupdates.apply_momentum(torchupdates.adam(params, 0.01, engine=engine, state_dtype=torch.float32))
+        for k in range(3):
+            opt.step(gradients(params, k))
+        runs.append((opt, params))
+    assert_same(*runs[0], *runs[1])
+    assert runs[1][0].state[runs[1][1][0]]["m"].dtype == torch.float32
+
+
+def test_sparse_gradients() -> None:
+    runs = []
+    for engine in ("foreach", "compiled"):
+        params = make_params()[:1]
+        opt = torchupdates.momentum(params, 0.1, engine=engine)
+        for k in range(3):
+            opt.step([gradients(params, k)[0].to_sparse()])
+        runs.append((opt, params))
+    assert_same(*runs[0], *runs[1])
+
+
+def replace_things(step: int, model: torch.nn.Module, opt: torchupdates.Optimizer) -> None:
+    """What users and frameworks do between steps; the same on both engines."""
+    weight = model[0].weight
+    if step == 1:
+        opt.zero_grad()  # .grad becomes None; backward makes new tensors
+    elif step == 2:
+        opt.zero_grad(set_to_none=False)  # zeroed in place: backward accumulates into them
+    elif step == 3:
+        weight.data = weight.data.clone()  # a new storage for one parameter
+    elif step == 4:
+        model.to(memory_format=torch.channels_last)  # p.data reassigned, with new strides
+    elif step == 5:
+        weight.grad = weight.grad.clone()  # a new gradient tensor, set by hand
+    elif step == 6:
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # state tensors replaced
+    elif step == 7:
+        for p in model.parameters():
+            p.grad = p.grad.t().contiguous().t() if p.dim() == 2 else p.grad  # other strides
+
+
+def test_replaced_gradients_parameters_and_state() -> None:
+    runs = []
+    for engine in ("foreach", "compiled"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 2), torch.nn.Flatten(), torch.nn.Linear(12, 1))
+        opt = torchupdates.apply_nesterov_momentum(torchupdates.adam(model.parameters(), 0.01, engine=engine))
+        x = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+        for step in range(9):
+            replace_things(step, model, opt)
+            model(x).pow(2).mean().backward()
+            opt.step()
+        runs.append((opt, list(model.parameters())))
+    assert_same(*runs[0], *runs[1])
+
+
+def test_checkpoint_resume_is_exact() -> None:
+    def run(steps: range, params: list[torch.Tensor], opt: torchupdates.Optimizer) -> None:
+        for k in steps:
+            opt.step(gradients(params, k))
+
+    straight = make_params()
+    straight_opt = CHAINS["nesterov(rmsprop)"](straight, engine="compiled")
+    run(range(6), straight, straight_opt)
+
+    first = make_params()
+    first_opt = CHAINS["nesterov(rmsprop)"](first, engine="compiled")
+    run(range(3), first, first_opt)
+    saved = copy.deepcopy(first_opt.state_dict())
+    resumed = [p.detach().clone().requires_grad_(True) for p in first]
+    resumed_opt = CHAINS["nesterov(rmsprop)"](resumed, engine="compiled")
+    resumed_opt.load_state_dict(saved)
+    run(range(3, 6), resumed, resumed_opt)
+    assert_same(straight_opt, straight, resumed_opt, resumed)
+
+
+def test_no_recompilation_when_hyperparameters_change() -> None:
+    from torch._dynamo.utils import counters
+
+    params = make_params()[:3]
+    momentum = torch.tensor(0.9, dtype=torch.float64)
+    opt = torchupdates.apply_momentum(torchupdates.rmsprop(params, 0.01, engine="compiled"), momentum=momentum)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(gradients(params, 0))
+    graphs = counters["stats"]["unique_graphs"]
+    before = [p.detach().clone() for p in params]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for k in range(1, 4):
+            scheduler.step()  # group["lr"], a new Python float each time
+            opt.param_groups[0]["rho"] = 0.5 + 0.1 * k  # set by hand
+            momentum.mul_(0.9)  # a 0-d tensor changed in place
+            opt.step(gradients(params, k))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, params, strict=True))
+
+
+def test_missing_compiler_is_a_clear_error_before_any_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/g++",))
+    params = make_params()[:2]
+    with pytest.raises(RuntimeError, match=r'C\+\+ compiler.*g\+\+.*engine="foreach"'):
+        torchupdates.adam(params, engine="compiled")
+    # The default engine needs no compiler.
+    torchupdates.adam(params).step(gradients(params, 0))
