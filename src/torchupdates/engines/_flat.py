@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def local(tensor: Tensor) -> Tensor:
@@ -105,7 +105,7 @@ class FlatBucket:
         # Dynamic-shape kernels specialise on lengths 0 and 1; a length of at least 2 avoids a
         # second compilation for a bucket of one scalar. Padding is computed on and never read.
         self.buffers = {role: torch.zeros(max(total, 2), dtype=dtype, device=device) for role, dtype in roles.items()}
-        self._counters: dict[str, Tensor] = {}
+        self.counters: dict[str, Tensor] = {}
         # Per role, the tensor last seen in each range (a view of it) and the range's address.
         self._held: dict[str, list[Tensor | None]] = {role: [None] * len(self.params) for role in roles}
         self._addresses = {
@@ -113,22 +113,26 @@ class FlatBucket:
             for role, buffer in self.buffers.items()
         }
 
-    def set_counters(self, key: str, value: int, counters: Sequence[Tensor]) -> None:
+    def set_counters(self, key: str, value: int, counters: Sequence[Tensor]) -> bool:
         """Write ``value`` into every member's step counter under ``key`` with one fill:
-        the counters (0-d int64 tensors) become views of one buffer the first time."""
-        buffer = self._counters.get(key)
+        the counters (0-d int64 tensors) become views of one buffer the first time. Return
+        whether all of them are such views."""
+        buffer = self.counters.get(key)
         if buffer is None:
-            buffer = self._counters[key] = torch.zeros(len(self.params), dtype=torch.int64, device=counters[0].device)
+            buffer = self.counters[key] = torch.zeros(len(self.params), dtype=torch.int64, device=counters[0].device)
         buffer.fill_(value)
         held = self._held.setdefault(key, [None] * len(self.params))
+        adopted = True
         for i, counter in enumerate(counters):
             if counter is held[i] and counter.data_ptr() == buffer.data_ptr() + 8 * i:
                 continue
-            if type(counter) in _PLAIN and counter.dtype == torch.int64 and counter.device == buffer.device:
+            if type(counter) in PLAIN_TENSORS and counter.dtype == torch.int64 and counter.device == buffer.device:
                 counter.data = buffer.as_strided((), (), i)
                 held[i] = counter
             else:
                 counter.fill_(value)
+                adopted = False
+        return adopted
 
     def view(self, role: str, index: int) -> Tensor:
         return self.spans[index].view(self.buffers[role])
@@ -138,7 +142,7 @@ class FlatBucket:
         if tensor is self._held[role][index]:
             # The same tensor object: only ``.data`` reassignment can have moved it.
             return tensor.data_ptr() == self._addresses[role][index]
-        if type(tensor) not in _PLAIN:
+        if type(tensor) not in PLAIN_TENSORS:
             return False
         span = self.spans[index]
         view = real(tensor)
@@ -164,7 +168,7 @@ class FlatBucket:
     def adopt(self, role: str, index: int, tensor: Tensor) -> bool:
         """Make ``tensor`` a view of its range (``tensor.data = view``) when it is a plain
         tensor laid out like the range; return whether it was."""
-        if type(tensor) not in _PLAIN or dense_strides(real(tensor)) != self.spans[index].strides:
+        if type(tensor) not in PLAIN_TENSORS or dense_strides(real(tensor)) != self.spans[index].strides:
             return False
         tensor.data = self.view(role, index)
         self._held[role][index] = tensor

@@ -21,9 +21,11 @@ rounded; on CUDA, contraction of ``a * b + c`` into FMA is turned off for these 
 from __future__ import annotations
 
 import functools
+import operator
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from numbers import Real
 from typing import Any, cast
 
@@ -32,7 +34,7 @@ from torch import Tensor
 
 from .._tensorlist import Graph, TensorList
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain
-from ._flat import FlatBucket, local, real
+from ._flat import PLAIN_TENSORS, FlatBucket, local, real
 from .reference import propose_reference
 
 __all__ = ["CompiledEngine", "CompilerMissingError", "require_compiler"]
@@ -169,6 +171,67 @@ def _batch_key(slot: Slot) -> tuple[Any, ...]:
     )
 
 
+def _addresses(tensors: Sequence[Tensor]) -> list[int]:
+    return list(map(Tensor.data_ptr, tensors))
+
+
+def _all_are(tensors: Sequence[object], expected: Sequence[object]) -> bool:
+    return len(tensors) == len(expected) and all(map(operator.is_, tensors, expected))
+
+
+class _Run:
+    """One batch of a step whose tensors were all views of their bucket's ranges afterwards:
+    the next step can skip building slots, as long as :meth:`unchanged` holds."""
+
+    def __init__(self, bucket: FlatBucket, members: Sequence[Slot], stages: Sequence[Stage]) -> None:
+        first = members[0]
+        self.bucket = bucket
+        self.first = first
+        self.params = [slot.param for slot in members]
+        self.grads = [slot.param.grad for slot in members]
+        self.addresses = {"param": _addresses(self.params), "grad": _addresses(cast("list[Tensor]", self.grads))}
+        self.held: dict[str, list[Tensor]] = {}
+        for key in first.state:
+            self.held[key] = [slot.state[key] for slot in members]
+        self.counter_keys = [
+            stage.step_key
+            for stage, t in zip(stages, first.steps, strict=True)
+            if stage.step_key is not None and t is not None
+        ]
+        for key in self.counter_keys:
+            self.held[key] = [slot.counters[key] for slot in members]
+        for key, tensors in self.held.items():
+            self.addresses[key] = _addresses(tensors)
+
+    def unchanged(self, params: Sequence[Tensor], state: Mapping[Tensor, Mapping[str, Any]]) -> bool:
+        """Whether the same parameters, gradients, state and counters are still the same
+        views of the bucket (nothing replaced, nothing re-pointed) and counters agree."""
+        if not _all_are(params, self.params):
+            return False
+        grads = [p.grad for p in params]
+        if not _all_are(grads, self.grads) or _addresses(cast("list[Tensor]", grads)) != self.addresses["grad"]:
+            return False
+        if _addresses(params) != self.addresses["param"]:
+            return False
+        entries = [state.get(p, {}) for p in params]
+        for key, held in self.held.items():
+            tensors = [entry.get(key) for entry in entries]
+            if not _all_are(tensors, held) or _addresses(held) != self.addresses[key]:
+                return False
+        for key in self.counter_keys:
+            low, high = torch.aminmax(self.bucket.counters[key])
+            if low != high:
+                return False
+        return True
+
+    def steps(self, stages: Sequence[Stage]) -> tuple[int | None, ...]:
+        """The step numbers of this step, one past the counters'."""
+        return tuple(
+            None if t is None else int(self.bucket.counters[stage.step_key][0]) + 1  # type: ignore[index]
+            for stage, t in zip(stages, self.first.steps, strict=True)
+        )
+
+
 class CompiledEngine:
     """``engine="compiled"``: the buffers and kernels of one optimizer.
 
@@ -177,10 +240,14 @@ class CompiledEngine:
     steps, and runs one kernel per batch. In a step, the parameters and state of a batch
     become views of its buffers (and gradients too when they are ``.grad``), so later steps
     copy nothing; anything replaced since the last step is copied in first.
+
+    :meth:`repeat` is the steady state: when nothing was replaced since the last step, it
+    runs the kernels without the per-parameter work of building and checking slots.
     """
 
     def __init__(self) -> None:
         self._buckets: dict[Hashable, FlatBucket] = {}
+        self._runs: list[_Run] | None = None
 
     def __call__(
         self,
@@ -197,15 +264,65 @@ class CompiledEngine:
         batches: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for index, slot in enumerate(slots):
             batches[_batch_key(slot)].append(index)
+        runs: list[_Run] | None = []
+        self._runs = None
         for key, indices in batches.items():
             members = [slots[i] for i in indices]
             if not any(slot.param.numel() for slot in members):
+                runs = None
                 for batch in propose_reference(stages, members, hyperparameters, write):
                     yield [(indices[i], pairs) for i, pairs in batch]
                 continue
             bucket = self._bucket(key, members)
             program = self._record(stages, hyperparameters[members[0].group], members[0], bucket)
-            yield list(zip(indices, self._run(stages, members, bucket, program, write), strict=True))
+            if write:
+                adopted = self._step(stages, members, bucket, program)
+                if runs is not None and adopted:
+                    runs.append(_Run(bucket, members, stages))
+                else:
+                    runs = None
+                yield [(i, []) for i in indices]
+            else:
+                yield list(zip(indices, self._propose(stages, members, bucket, program), strict=True))
+        if write:
+            self._runs = runs
+
+    def repeat(
+        self,
+        stages: Sequence[Stage],
+        params: Sequence[Sequence[Tensor]],
+        state: Mapping[Tensor, Mapping[str, Any]],
+        hyperparameters: Sequence[Sequence[dict[str, Any]]],
+    ) -> bool:
+        """Step again from ``.grad`` if nothing changed since the last step; say whether it did.
+
+        ``params`` are the parameters that have a gradient, per param group. When any tensor
+        was replaced, a parameter gained or lost its gradient, or anything else differs, this
+        writes nothing and returns False: the caller then steps the ordinary way.
+        """
+        runs = self._runs
+        if not runs:
+            return False
+        per_group: list[list[Tensor]] = [[] for _ in params]
+        for run in runs:
+            per_group[run.first.group].extend(run.params)
+        if any(not _all_are(live, planned) for live, planned in zip(params, per_group, strict=True)):
+            return False
+        for run in runs:
+            group_params = params[run.first.group]
+            start = next(i for i, p in enumerate(group_params) if p is run.params[0])
+            if not run.unchanged(group_params[start : start + len(run.params)], state):
+                return False
+        with torch.no_grad():
+            for run in runs:
+                steps = run.steps(stages)
+                first = replace(run.first, steps=steps)
+                program = self._record(stages, hyperparameters[first.group], first, run.bucket)
+                _compiled(program.source(True))(*run.bucket.buffers.values(), *program.coefficients)
+                for key, t in zip((s.step_key for s in stages), steps, strict=True):
+                    if key is not None and t is not None:
+                        run.bucket.counters[key].fill_(t)
+        return True
 
     def _bucket(self, key: tuple[Any, ...], members: Sequence[Slot]) -> FlatBucket:
         first = members[0]
@@ -244,40 +361,50 @@ class CompiledEngine:
         return _Program(graph, leaves, outputs, dtypes, first.work_dtype, device)
 
     @staticmethod
-    def _run(
-        stages: Sequence[Stage], members: Sequence[Slot], bucket: FlatBucket, program: _Program, write: bool
+    def _propose(
+        stages: Sequence[Stage], members: Sequence[Slot], bucket: FlatBucket, program: _Program
     ) -> list[list[tuple[Tensor, Tensor]]]:
+        """The update dictionary's pairs: results in new buffers, nothing the user sees written."""
+        bucket.gather("param", [s.param for s in members])
+        bucket.gather("grad", [s.grad for s in members])
+        for key in members[0].state:
+            bucket.gather(key, [s.state[key] for s in members])
+        kernel = _compiled(program.source(False))
+        results = dict(zip(program.results, kernel(*bucket.buffers.values(), *program.coefficients), strict=True))
+        pairs = []
+        for i, slot in enumerate(members):
+            span = bucket.spans[i]
+            own = [(slot.param, span.view(results["param"]))]
+            own += [(slot.state[key], span.view(results[key])) for key in slot.state if key in results]
+            pairs.append(own + pairs_for_slot(stages, slot, None, {}))
+        return pairs
+
+    @staticmethod
+    def _step(stages: Sequence[Stage], members: Sequence[Slot], bucket: FlatBucket, program: _Program) -> bool:
+        """Write one batch's step; return whether every tensor is now a view of the bucket."""
         targets = {"param": [s.param for s in members], **{k: [s.state[k] for s in members] for k in members[0].state}}
         moved = {role: bucket.gather(role, tensors) for role, tensors in targets.items()}
-        grads = [s.grad for s in members]
-        moved_grads = bucket.gather("grad", grads)
-        buffers = list(bucket.buffers.values())
-        kernel = _compiled(program.source(write))
-        if not write:
-            results = dict(zip(program.results, kernel(*buffers, *program.coefficients), strict=True))
-            pairs = []
-            for i, slot in enumerate(members):
-                span = bucket.spans[i]
-                own = [(slot.param, span.view(results["param"]))]
-                own += [(slot.state[key], span.view(results[key])) for key in slot.state if key in results]
-                pairs.append(own + pairs_for_slot(stages, slot, None, {}))
-            return pairs
+        moved_grads = bucket.gather("grad", [s.grad for s in members])
+        adopted = True
         with torch.no_grad():
-            kernel(*buffers, *program.coefficients)
+            _compiled(program.source(True))(*bucket.buffers.values(), *program.coefficients)
             for role, indices in moved.items():
                 for i in indices:
                     target = targets[role][i]
                     if not bucket.adopt(role, i, target):
                         local(target).copy_(bucket.view(role, i))
+                        adopted = False
             for i in moved_grads:
                 slot = members[i]
                 # Only .grad is ours to re-point; a gradient passed to step() is the caller's.
-                if slot.grad is slot.param.grad and type(slot.grad) in (Tensor, torch.nn.Parameter):
-                    view = bucket.view("grad", i)
-                    if view.stride() == slot.grad.stride():
-                        slot.param.grad = view
+                view = bucket.view("grad", i)
+                if slot.grad is slot.param.grad and type(slot.grad) in PLAIN_TENSORS and view.stride() == slot.grad.stride():
+                    slot.param.grad = view
+                else:
+                    adopted = False
             first = members[0]
             for stage, t in zip(stages, first.steps, strict=True):
                 if stage.step_key is not None and t is not None:
-                    bucket.set_counters(stage.step_key, t, [slot.counters[stage.step_key] for slot in members])
-        return [[] for _ in members]
+                    counters = [slot.counters[stage.step_key] for slot in members]
+                    adopted = bucket.set_counters(stage.step_key, t, counters) and adopted
+        return adopted
