@@ -165,8 +165,10 @@ def sgd(
     learning_rate : float or 0-d Tensor
         Step size :math:`\eta >= 0`. A tensor is read at every step, so changing it in
         place changes the next step.
-    engine : {"foreach", "reference"}, optional
-        How the formula runs: many tensors per kernel (default) or one tensor at a time.
+    engine : {"foreach", "reference", "compiled"}, optional
+        How the formula runs: many tensors per eager kernel (default, no compiler needed),
+        one tensor at a time, or one fused ``torch.compile`` kernel per step over flat
+        buffers (needs a C++ compiler on CPU, Triton on CUDA; checked at construction).
     state_dtype : torch.dtype, optional
         Keep state (and the arithmetic) in this dtype, e.g. ``torch.float32`` for
         bfloat16 parameters. Default: the parameter's dtype.
