@@ -200,12 +200,11 @@ class _Run:
         ]
         for key in self.counter_keys:
             self.held[key] = [slot.counters[key] for slot in members]
-        for key, tensors in self.held.items():
-            self.addresses[key] = _addresses(tensors)
 
     def unchanged(self, params: Sequence[Tensor], state: Mapping[Tensor, Mapping[str, Any]]) -> bool:
-        """Whether the same parameters, gradients, state and counters are still the same
-        views of the bucket (nothing replaced, nothing re-pointed) and counters agree."""
+        """Whether the same parameters, gradients, state and counters are still the bucket's
+        views (nothing replaced, no ``.data`` of a parameter or gradient reassigned) and the
+        step counters agree."""
         if not _all_are(params, self.params):
             return False
         grads = [p.grad for p in params]
@@ -213,11 +212,15 @@ class _Run:
             return False
         if _addresses(params) != self.addresses["param"]:
             return False
-        entries = [state.get(p, {}) for p in params]
-        for key, held in self.held.items():
-            tensors = [entry.get(key) for entry in entries]
-            if not _all_are(tensors, held) or _addresses(held) != self.addresses[key]:
-                return False
+        # State tensors are the optimizer's: replacing one (load_state_dict, an assignment) is
+        # caught by identity; nothing outside reassigns their .data.
+        try:
+            entries = list(map(state.__getitem__, params))
+            for key, held in self.held.items():
+                if not _all_are(list(map(operator.itemgetter(key), entries)), held):
+                    return False
+        except KeyError:  # a state entry was removed
+            return False
         for key in self.counter_keys:
             low, high = torch.aminmax(self.bucket.counters[key])
             if low != high:
