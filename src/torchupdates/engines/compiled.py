@@ -401,7 +401,11 @@ class CompiledEngine:
                 slot = members[i]
                 # Only .grad is ours to re-point; a gradient passed to step() is the caller's.
                 view = bucket.view("grad", i)
-                if slot.grad is slot.param.grad and type(slot.grad) in PLAIN_TENSORS and view.stride() == slot.grad.stride():
+                if (
+                    slot.grad is slot.param.grad
+                    and type(slot.grad) in PLAIN_TENSORS
+                    and view.stride() == slot.grad.stride()
+                ):
                     slot.param.grad = view
                 else:
                     adopted = False
