@@ -1,4 +1,8 @@
-"""The ``bench`` command measures every implementation and reports honest byte counts."""
+"""The ``bench`` command measures every implementation and reports honest byte counts.
+
+Tiny sizes only and no timing assertions: the machine is shared and noisy. The one test
+that spawns the compile-time processes (cold, then warm Inductor cache) takes about 15 s.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +10,176 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from torchupdates.bench import CASES
+from compiler import needs_compiler
+from torchupdates import _bench_probes
+from torchupdates._bench_cases import CASES, Workload, interleaved_medians
+from torchupdates._bench_probes import EAGER_CEILING, ScalingPair
+from torchupdates.bench import run_bench
 from torchupdates.cli import main
 
 TINY = ["--numel", "2000", "--tensors", "4", "--repeat", "1"]
+QUICK = [*TINY, "--no-compile-times", "--no-scaling"]
+COMPOSITIONS = ["apply_momentum(adam)", "apply_nesterov_momentum(rmsprop)"]
 
 
-def test_bench_writes_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@needs_compiler
+def test_bench_reports_every_section_in_the_table_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The scaling checks on tiny layouts: 2,000 elements in 2 vs 20 tensors, 1,000 in 1 vs 10.
+    tiny_pairs = (ScalingPair((2, None), (20, None), 1.2), ScalingPair((1, 1000), (10, 1000), 2.0))
+    monkeypatch.setattr(_bench_probes, "SCALING", tiny_pairs)
     out = tmp_path / "bench.json"
-    assert main(["bench", *TINY, "--rules", "sgd,adam", "--json", str(out)]) == 0
+    rules = "sgd,adam,apply_momentum(adam)"
+    assert main(["bench", *TINY, "--rules", rules, "--engines", "foreach,compiled", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "sgd" in table and "adam" in table and "torch foreach GB/s" in table
+    for text in (
+        "torch single",
+        "torch foreach",
+        "torch fused",
+        "compiled / torch foreach",
+        "compiled / fused Adam",
+        "fused Adam = torch.optim.Adam(fused=True)",
+        "ceiling: compiled 4-read/3-write kernel",
+        'adam, engine="compiled"',
+        "cold (empty Inductor cache)",
+        "warm (the cold run's cache)",
+        "2,000 elements in 20 tensors",
+        "1,000 elements in 10 tensors",
+        "compiled adam",
+        "torch fused Adam",
+    ):
+        assert text in table, text
+    assert "note:" not in table  # everything could be measured
     document = json.loads(out.read_text())
     results = {r["rule"]: r for r in document["results"]}
-    assert set(results) == {"sgd", "adam"}
+    assert list(results) == ["sgd", "adam", "apply_momentum(adam)"]
     # Adam moves p, g, m, v in and p, m, v out: 7 float32 tensors of 2000 elements.
     assert results["adam"]["bytes_per_step"] == 7 * 4 * 2000
     assert results["sgd"]["bytes_per_step"] == 3 * 4 * 2000
-    for result in results.values():
-        assert {"torch foreach", "foreach", "reference"} <= set(result["gb_per_s"])
+    for rule in ("sgd", "adam"):
+        result = results[rule]
+        assert set(result["gb_per_s"]) == {"torch single", "torch foreach", "torch fused", "foreach", "compiled"}
         assert all(rate > 0 for rate in result["gb_per_s"].values())
+        assert set(result["vs_torch_foreach"]) == set(result["vs_torch_fused_adam"]) == {"foreach", "compiled"}
+        speed = result["gb_per_s"]
+        assert result["vs_torch_foreach"]["compiled"] == pytest.approx(speed["compiled"] / speed["torch foreach"])
+    composed = results["apply_momentum(adam)"]
+    assert set(composed["gb_per_s"]) == {"foreach", "compiled"} and composed["vs_torch_foreach"] == {}
+    yardstick = document["torch_fused_adam_gb_per_s"]
+    assert yardstick == results["adam"]["gb_per_s"]["torch fused"]
+    assert composed["vs_torch_fused_adam"]["compiled"] == pytest.approx(composed["gb_per_s"]["compiled"] / yardstick)
     # m and v in float32, 8 bytes per element, like torch.optim.Adam (plus the tiny step counters).
     state = results["adam"]["state_bytes_per_element"]
     assert state["foreach"] == pytest.approx(8.0, abs=0.05)
+    assert state["compiled"] == pytest.approx(8.0, abs=0.05)
     assert state["foreach"] == pytest.approx(state["torch foreach"], abs=0.05)
     assert results["sgd"]["state_bytes_per_element"]["foreach"] == 0
+    # The ceiling kernel ran, in the same rounds as adam, with Adam's 28 bytes per element.
+    ceiling = document["ceiling"]
+    assert ceiling["kernel"].startswith("compiled") and ceiling["bytes_per_element"] == 28 and ceiling["gb_per_s"] > 0
+    assert set(ceiling["adam_vs_ceiling"]) == {"torch fused", "foreach", "compiled"}
+    assert ceiling["adam_gb_per_s"]["compiled"] == results["adam"]["gb_per_s"]["compiled"]
+    times = document["compile_times"]
+    assert times["rule"] == "adam" and times["cold_s"] > 0 and times["warm_s"] > 0
+    assert times["targets_s"] == {"cold": 10.0, "warm": 2.5}
+    scaling = document["scaling"]
+    assert [(layout["tensors"], layout["numel"]) for layout in scaling["layouts"]] == [
+        (2, 2000),
+        (20, 2000),
+        (1, 1000),
+        (10, 1000),
+    ]
+    assert [pair["target"] for pair in scaling["ratios"]] == [1.2, 2.0]
+    for layout in scaling["layouts"]:
+        assert set(layout["seconds"]) == {"compiled adam", "torch fused Adam"}
+    first = scaling["ratios"][0]
+    seconds = {layout["label"]: layout["seconds"] for layout in scaling["layouts"]}
+    expected = seconds[first["many"]]["compiled adam"] / seconds[first["few"]]["compiled adam"]
+    assert first["ratio"]["compiled adam"] == pytest.approx(expected)
+    assert document["device"] == "cpu" and document["numel"] == 2000 and document["tensors"] == 4
+    assert document["shapes"] == [[4, [500]]]
+    assert document["notes"] == []
 
 
-def test_every_rule_has_a_case() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compositions_count_the_velocity_read_and_written(dtype: torch.dtype) -> None:
+    report = run_bench(COMPOSITIONS, ["foreach"], Workload.equal(1000, 4), 1, dtype, warmup=1)
+    results = {r.rule: r for r in report.results}
+    size = 8 if dtype == torch.float64 else 4
+    # apply_momentum(adam): p, g, m, v, velocity read; p, m, v, velocity written.
+    assert results["apply_momentum(adam)"].bytes_per_step == 9 * size * 1000
+    # apply_nesterov_momentum(rmsprop): p, g, accumulator, velocity read; p, accumulator, velocity written.
+    assert results["apply_nesterov_momentum(rmsprop)"].bytes_per_step == 7 * size * 1000
+    assert results["apply_momentum(adam)"].state_bytes_per_element["foreach"] == pytest.approx(3 * size, abs=0.05)
+    assert results["apply_nesterov_momentum(rmsprop)"].state_bytes_per_element["foreach"] == pytest.approx(2 * size)
+    # No torch.optim equivalent: only our engines, compared with torch fused Adam measured in the run.
+    assert all(set(r.gb_per_s) == {"foreach"} for r in report.results)
+    assert report.torch_fused_adam_gb_per_s is not None and report.ceiling is not None
+
+
+def test_missing_compiler_shows_a_dash_and_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torch._inductor import config
+
+    out = tmp_path / "bench.json"
+    options = ["--rules", "adam", "--engines", "foreach,compiled", "--no-scaling", "--compile-times"]
+    # config.patch, not monkeypatch.setattr(config.cpp, "cxx", ...): pytest 9.2's undo of
+    # that deletes the setting (Inductor then hides it), breaking every later compile.
+    with config.patch({"cpp.cxx": ("/nonexistent/g++",)}):
+        assert main(["bench", *TINY, *options, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("rule (GB/s)"))
+    adam_row = next(line for line in table.splitlines() if line.startswith("adam "))
+    end = header.index(" compiled ") + len(" compiled")  # columns are right-aligned
+    assert adam_row[:end].split()[-1] == "-"
+    notes = [line for line in table.splitlines() if line.startswith("note: ")]
+    assert any(line.startswith('note: compiled: "-" because') and "C++ compiler" in line for line in notes)
+    assert any("compile times: not measured" in line for line in notes)
+    assert "eager in-place triad" in table
+    document = json.loads(out.read_text())
+    assert document["ceiling"]["kernel"] == EAGER_CEILING
+    assert "compiled" not in document["results"][0]["gb_per_s"]
+    assert document["compile_times"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *QUICK, "--device", "cuda"]) == 2
+    error = capsys.readouterr().err
+    assert "--device cuda: no cuda device is available" in error and "--device cpu" in error
+
+
+def test_shapes_issue_is_the_issue_workload() -> None:
+    workload = Workload.parse("issue")
+    assert workload.shapes == ((1024, 1024),) * 12 + ((4096,),) * 188
+    assert workload.numel == 13_352_960
+    assert "12 of 1024x1024 + 188 of 4096" in workload.description
+    assert Workload.parse("2:3x4,1:5").shapes == ((3, 4), (3, 4), (5,))
+
+
+def test_shapes_workload_on_the_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    options = ["--shapes", "2:16x16,3:100", "--repeat", "1", "--rules", "sgd", "--engines", "foreach"]
+    assert main(["bench", *options, "--no-compile-times", "--no-scaling", "--json", str(out)]) == 0
+    assert "812 elements in 5 tensors (2 of 16x16 + 3 of 100)" in capsys.readouterr().out
+    document = json.loads(out.read_text())
+    assert document["shapes"] == [[2, [16, 16]], [3, [100]]]
+    assert document["results"][0]["bytes_per_step"] == 3 * 4 * 812
+
+
+def test_interleaved_medians_time_each_stepper_once_per_round() -> None:
+    calls: list[str] = []
+    medians = interleaved_medians(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, 2, torch.device("cpu")
+    )
+    assert calls == ["a", "b"] * 5 and set(medians) == {"a", "b"}
+
+
+def test_every_rule_and_composition_has_a_case() -> None:
     rules = {"sgd", "momentum", "nesterov_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "amsgrad"}
-    assert set(CASES) == rules
+    assert set(CASES) == rules | set(COMPOSITIONS)
 
 
 @pytest.mark.parametrize(
@@ -46,10 +189,13 @@ def test_every_rule_has_a_case() -> None:
         (["--engines", "turbo"], "unknown engine"),
         (["--numel", "2", "--tensors", "4"], "smaller than --tensors"),
         (["--repeat", "0"], "positive integer"),
+        (["--shapes", "12:1024y3"], "bad shape entry"),
+        (["--shapes", "issue"], "leave out --numel and --tensors"),
+        (["--device", "nonsense"], "is not a device"),
     ],
 )
 def test_bad_options_exit_2_with_a_message(
     options: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["bench", *TINY, *options]) == 2
+    assert main(["bench", *QUICK, *options]) == 2
     assert message in capsys.readouterr().err

@@ -3,124 +3,43 @@
 Speed is reported as effective bandwidth: the bytes a rule must read and write in a step
 (each parameter, gradient and state element once) divided by the median step time, for
 torchupdates' engines and, in the same run on the same tensors, for the matching
-torch.optim optimizer (foreach, and fused where torch has it). Memory is reported as the
-optimizer state kept per parameter element, in bytes.
+torch.optim optimizer (single-tensor, foreach, and fused where torch has it). Ratios compare
+each engine with torch's foreach step of the same rule and with ``torch.optim.Adam(fused=True)``.
+The run also measures the machine's memory ceiling (a kernel that only moves Adam's bytes),
+the compiled engine's compile times, and how step time scales with the number of tensors.
+Memory is reported as the optimizer state kept per parameter element, in bytes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
+import gc
+import os
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import rules
+from ._bench_cases import CASES, ISSUE_SHAPES, Case, Workload, interleaved_medians, make_params, resolve_device
+from ._bench_probes import CEILING_MOVED, COMPILED_CEILING, EAGER_CEILING, ceiling_stepper, compile_times, run_scaling
+from ._bench_report import TORCH_COLUMNS, BenchReport, BenchResult, Ceiling, format_report, report_document
 from ._command import Command, CommandError, positive_float, positive_int, torch_threads
-from ._report import format_rows
+from ._report import write_json
 from .engines import ENGINES
-from .optimizer import Optimizer
+from .engines.compiled import CompilerMissingError, require_compiler
 
-__all__ = ["CASES", "COMMAND", "BenchResult", "run_bench"]
+__all__ = ["CASES", "COMMAND", "BenchReport", "BenchResult", "Ceiling", "format_report", "run_bench"]
 
-TorchFactory = Callable[..., torch.optim.Optimizer]
-
-
-@dataclass(frozen=True)
-class Case:
-    """A rule, how many tensors a step must move per element, and torch.optim's equivalent."""
-
-    rule: str
-    moved: int  # reads + writes of parameter, gradient and state, per element
-    build: Callable[..., Optimizer]
-    torch_optim: TorchFactory | None
-    torch_fused: bool  # whether torch.optim's version has fused=True
+COMPILED_WARMUP = 3  # warm-up steps at least, for the compiled engine: compilation is never timed
 
 
-CASES: dict[str, Case] = {
-    case.rule: case
-    for case in (
-        Case("sgd", 3, lambda p, e: rules.sgd(p, 0.01, engine=e), lambda p, **k: torch.optim.SGD(p, 0.01, **k), True),
-        Case(
-            "momentum",
-            5,
-            lambda p, e: rules.momentum(p, 0.01, engine=e),
-            lambda p, **k: torch.optim.SGD(p, 0.01, momentum=0.9, **k),
-            True,
-        ),
-        Case(
-            "nesterov_momentum",
-            5,
-            lambda p, e: rules.nesterov_momentum(p, 0.01, engine=e),
-            lambda p, **k: torch.optim.SGD(p, 0.01, momentum=0.9, nesterov=True, **k),
-            True,
-        ),
-        Case(
-            "adagrad",
-            5,
-            lambda p, e: rules.adagrad(p, 0.01, engine=e),
-            lambda p, **k: torch.optim.Adagrad(p, 0.01, **k),
-            True,
-        ),
-        Case(
-            "rmsprop",
-            5,
-            lambda p, e: rules.rmsprop(p, 0.01, engine=e),
-            lambda p, **k: torch.optim.RMSprop(p, 0.01, **k),
-            False,
-        ),
-        Case(
-            "adadelta", 7, lambda p, e: rules.adadelta(p, engine=e), lambda p, **k: torch.optim.Adadelta(p, **k), False
-        ),
-        Case("adam", 7, lambda p, e: rules.adam(p, engine=e), lambda p, **k: torch.optim.Adam(p, **k), True),
-        Case("adamax", 7, lambda p, e: rules.adamax(p, engine=e), lambda p, **k: torch.optim.Adamax(p, **k), False),
-        Case(
-            "amsgrad",
-            9,
-            lambda p, e: rules.amsgrad(p, engine=e),
-            lambda p, **k: torch.optim.Adam(p, amsgrad=True, **k),
-            True,
-        ),
-    )
-}
-"""The benchmarked rules, by name."""
-
-
-@dataclass
-class BenchResult:
-    """One rule's measurements: GB/s and state bytes per element, by implementation."""
-
-    rule: str
-    bytes_per_step: int
-    gb_per_s: dict[str, float] = field(default_factory=dict)
-    state_bytes_per_element: dict[str, float] = field(default_factory=dict)
-
-
-def make_params(numel: int, tensors: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
-    """``tensors`` parameters of about equal size, ``numel`` elements in all, with gradients."""
-    generator = torch.Generator().manual_seed(seed)
-    sizes = [numel // tensors + (1 if i < numel % tensors else 0) for i in range(tensors)]
-    params: list[torch.Tensor] = [torch.nn.Parameter(torch.randn(n, generator=generator, dtype=dtype)) for n in sizes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator, dtype=dtype) * 1e-3
-    return params
-
-
-def median_step_seconds(optimizer: torch.optim.Optimizer, repeat: int) -> float:
-    """Median seconds of ``optimizer.step()`` over ``repeat`` steps, after two warm-up steps."""
-    for _ in range(2):
-        optimizer.step()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _load() -> list[float]:
+    try:
+        return [round(os.getloadavg()[0], 2)]
+    except (AttributeError, OSError):  # not on every platform
+        return []
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer, numel: int) -> float:
@@ -133,58 +52,175 @@ def _state_bytes(optimizer: torch.optim.Optimizer, numel: int) -> float:
     return total / numel
 
 
-def _implementations(case: Case, engines: Sequence[str]) -> dict[str, Callable[[list[torch.Tensor]], Any]]:
-    built: dict[str, Callable[[list[torch.Tensor]], Any]] = {}
-    if case.torch_optim is not None:
-        torch_optim = case.torch_optim
-        built["torch foreach"] = lambda p: torch_optim(p, foreach=True)
-        if case.torch_fused:
-            built["torch fused"] = lambda p: torch_optim(p, fused=True)
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _compiler_problem(device: torch.device) -> str | None:
+    """Why ``engine="compiled"`` (and the compiled ceiling) cannot run here, or None."""
+    try:
+        require_compiler({device.type})
+    except CompilerMissingError as error:
+        return str(error)
+    return None
+
+
+def _builders(case: Case, engines: Sequence[str], torch_labels: Sequence[str]) -> dict[str, Callable[..., Any]]:
+    built: dict[str, Callable[..., Any]] = {
+        label: factory for label, factory in case.torch_variants().items() if label in torch_labels
+    }
     for engine in engines:
         built[engine] = _ours(case, engine)
     return built
 
 
-def _ours(case: Case, engine: str) -> Callable[[list[torch.Tensor]], Optimizer]:
+def _ours(case: Case, engine: str) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
     return lambda params: case.build(params, engine)
 
 
+def _measure(
+    case: Case,
+    builders: dict[str, Callable[..., Any]],
+    params: list[torch.Tensor],
+    repeat: int,
+    warmup: int,
+    device: torch.device,
+    notes: list[str],
+    ceiling: tuple[str, Callable[[], None]] | None = None,
+) -> tuple[BenchResult, float | None]:
+    """Time every implementation of ``case`` (and the ceiling kernel, if given) in the same rounds."""
+    numel = sum(p.numel() for p in params)
+    result = BenchResult(case.rule, case.moved * params[0].element_size() * numel)
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    for label, build in builders.items():
+        try:
+            optimizer = build(params)
+            optimizer.step()  # the first warm-up step; the compiled engine compiles here
+        except Exception as error:  # e.g. no fused kernel for this device or dtype
+            notes.append(f"{case.rule} with {label}: not measured ({_first_line(error)})")
+            continue
+        optimizers[label] = optimizer
+    steppers: dict[str, Callable[[], object]] = {label: opt.step for label, opt in optimizers.items()}
+    if ceiling is not None:
+        steppers["ceiling"] = ceiling[1]
+    rounds = max(warmup, COMPILED_WARMUP if "compiled" in steppers else 1) - 1
+    seconds = interleaved_medians(steppers, repeat, rounds, device) if steppers else {}
+    for label, optimizer in optimizers.items():
+        result.gb_per_s[label] = result.bytes_per_step / seconds[label] / 1e9
+        result.state_bytes_per_element[label] = _state_bytes(optimizer, numel)
+    ceiling_gb_per_s = None
+    if ceiling is not None:
+        ceiling_gb_per_s = CEILING_MOVED * params[0].element_size() * numel / seconds["ceiling"] / 1e9
+    return result, ceiling_gb_per_s
+
+
+def _ceiling(numel: int, dtype: torch.dtype, device: torch.device, notes: list[str]) -> tuple[str, Callable[[], None]]:
+    """The ceiling kernel, compiled and run once (compilation is not timed), with its label."""
+    problem = _compiler_problem(device)
+    if problem is None:
+        try:
+            step = ceiling_stepper(numel, dtype, device, compiled=True)
+            step()
+            return COMPILED_CEILING, step
+        except Exception as error:
+            problem = _first_line(error)
+    notes.append(f"ceiling: the eager triad instead of the compiled kernel ({problem})")
+    step = ceiling_stepper(numel, dtype, device, compiled=False)
+    step()
+    return EAGER_CEILING, step
+
+
 def run_bench(
-    rule_names: Sequence[str], engines: Sequence[str], numel: int, tensors: int, repeat: int, dtype: torch.dtype
-) -> list[BenchResult]:
-    """Measure every rule with every engine and with torch.optim, on the same tensors."""
-    params = make_params(numel, tensors, dtype)
-    itemsize = params[0].element_size()
-    results = []
-    for name in rule_names:
+    rule_names: Sequence[str],
+    engines: Sequence[str],
+    workload: Workload,
+    repeat: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    warmup: int = COMPILED_WARMUP,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Measure every case with every engine and with torch.optim, on the same tensors, and
+    the memory ceiling in the same rounds as Adam (measured for that even when ``adam`` is
+    not among ``rule_names``, with torch fused and our engines only, to give the yardstick)."""
+    device = torch.device(device)
+    params = make_params(workload.shapes, dtype, device)
+    report = BenchReport(
+        workload.description,
+        workload.numel,
+        len(params),
+        str(device),
+        str(dtype).removeprefix("torch."),
+        repeat,
+        max(warmup, COMPILED_WARMUP) if "compiled" in engines else warmup,
+        load_average=_load(),
+    )
+    problem = _compiler_problem(device) if "compiled" in engines else None
+    if problem is not None:
+        report.notes.append(f'compiled: "-" because {problem}')
+    usable = [e for e in engines if not (e == "compiled" and problem is not None)]
+    adam_result: BenchResult | None = None
+    for name in [*rule_names, *([] if "adam" in rule_names else ["adam"])]:
+        if progress is not None:
+            progress(name if name in rule_names else "adam (for the yardstick and the ceiling)")
         case = CASES[name]
-        result = BenchResult(name, case.moved * itemsize * numel)
-        for label, build in _implementations(case, engines).items():
-            try:
-                optimizer = build(params)
-            except (RuntimeError, ValueError, TypeError):  # e.g. no fused kernel for this device or dtype
-                continue
-            seconds = median_step_seconds(optimizer, repeat)
-            result.gb_per_s[label] = result.bytes_per_step / seconds / 1e9
-            result.state_bytes_per_element[label] = _state_bytes(optimizer, numel)
-        results.append(result)
-    return results
+        shown = name in rule_names
+        builders = _builders(case, usable, TORCH_COLUMNS if shown else ("torch fused",))
+        ceiling = _ceiling(workload.numel, dtype, device, report.notes) if name == "adam" else None
+        result, ceiling_gb_per_s = _measure(case, builders, params, repeat, warmup, device, report.notes, ceiling)
+        if shown:
+            report.results.append(result)
+        if ceiling is not None and ceiling_gb_per_s is not None:
+            adam_result = result
+            report.ceiling = Ceiling(ceiling[0], CEILING_MOVED * params[0].element_size(), ceiling_gb_per_s)
+        del builders, ceiling
+        gc.collect()
+    report.torch_fused_adam_gb_per_s = None if adam_result is None else adam_result.gb_per_s.get("torch fused")
+    yardstick = report.torch_fused_adam_gb_per_s
+    for result in report.results:
+        base = result.gb_per_s.get("torch foreach")
+        for engine in usable:
+            if engine in result.gb_per_s:
+                if base:
+                    result.vs_torch_foreach[engine] = result.gb_per_s[engine] / base
+                if yardstick:
+                    result.vs_torch_fused_adam[engine] = result.gb_per_s[engine] / yardstick
+    if report.ceiling is not None and adam_result is not None:
+        for label in ("torch fused", *usable):
+            if label in adam_result.gb_per_s:
+                report.ceiling.adam_gb_per_s[label] = adam_result.gb_per_s[label]
+                report.ceiling.adam_vs_ceiling[label] = adam_result.gb_per_s[label] / report.ceiling.gb_per_s
+    return report
 
 
-def format_results(results: Sequence[BenchResult], engines: Sequence[str]) -> str:
-    """The table: GB/s per implementation, our engines' ratio to torch foreach, state bytes."""
-    columns = ["torch foreach", "torch fused", *engines]
-    header = ["rule", *(f"{c} GB/s" for c in columns), *(f"{e} / torch" for e in engines), "state B/elem"]
-    rows = []
-    for r in results:
-        speed = [f"{r.gb_per_s[c]:.1f}" if c in r.gb_per_s else "-" for c in columns]
-        base = r.gb_per_s.get("torch foreach")
-        ratios = [f"{r.gb_per_s[e] / base:.2f}x" if base and e in r.gb_per_s else "-" for e in engines]
-        ours = r.state_bytes_per_element.get(engines[0], float("nan"))
-        theirs = r.state_bytes_per_element.get("torch foreach")
-        state = f"{ours:.0f}" + (f" (torch {theirs:.0f})" if theirs is not None else "")
-        rows.append([r.rule, *speed, *ratios, state])
-    return format_rows(header, rows)
+def add_compile_times(report: BenchReport, workload: Workload, dtype: torch.dtype, threads: int) -> None:
+    """Measure the compiled engine's cold and warm first step of adam into ``report``."""
+    device = torch.device(report.device)
+    problem = _compiler_problem(device)
+    if problem is not None:
+        report.notes.append(f"compile times: not measured ({problem})")
+        return
+    try:
+        report.compile_times = compile_times(workload.shapes, dtype, device, threads)
+    except RuntimeError as error:
+        report.notes.append(f"compile times: not measured ({error})")
+
+
+def add_scaling(report: BenchReport, engines: Sequence[str], dtype: torch.dtype) -> None:
+    """Measure step times of compiled adam and torch fused Adam on few vs many tensors into ``report``."""
+    device = torch.device(report.device)
+    implementations: dict[str, Callable[..., Any]] = {}
+    if "compiled" in engines and _compiler_problem(device) is None:
+        implementations["compiled adam"] = _ours(CASES["adam"], "compiled")
+    elif "compiled" not in engines:
+        report.notes.append("scaling: compiled adam not measured (--engines has no compiled)")
+    implementations["torch fused Adam"] = lambda p: torch.optim.Adam(p, fused=True)
+    warmup = max(report.warmup, COMPILED_WARMUP)
+    try:
+        report.scaling = run_scaling(implementations, report.numel, dtype, device, report.repeat, warmup)
+    except (RuntimeError, ValueError, TypeError, CommandError) as error:
+        report.notes.append(f"scaling: not measured ({_first_line(error)})")
 
 
 def _names_from(choices: Sequence[str], kind: str) -> Callable[[str], list[str]]:
@@ -198,48 +234,99 @@ def _names_from(choices: Sequence[str], kind: str) -> Callable[[str], list[str]]
     return parse
 
 
+def _workload(text: str) -> Workload:
+    try:
+        return Workload.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``bench`` to ``parser``."""
     add = parser.add_argument
-    add("--numel", type=positive_float, default=4e6, metavar="N", help="parameter elements in all (default: 4e6)")
-    add("--tensors", type=positive_int, default=200, metavar="N", help="number of parameter tensors (default: 200)")
+    add("--numel", type=positive_float, default=None, metavar="N", help="parameter elements in all (default: 4e6)")
+    add("--tensors", type=positive_int, default=None, metavar="N", help="number of parameter tensors (default: 200)")
+    add(
+        "--shapes",
+        type=_workload,
+        default=None,
+        metavar="SPEC",
+        help=f"parameter shapes instead of --numel/--tensors: 'issue' (= {ISSUE_SHAPES}, 13.4M elements) "
+        "or COUNT:SHAPE entries, dimensions joined by x",
+    )
     add("--repeat", type=positive_int, default=10, metavar="N", help="timed steps per measurement (default: 10)")
+    add(
+        "--warmup",
+        type=positive_int,
+        default=COMPILED_WARMUP,
+        metavar="N",
+        help=f"untimed steps first (default and minimum with the compiled engine: {COMPILED_WARMUP})",
+    )
     add(
         "--rules",
         type=_names_from(list(CASES), "rule"),
         default=list(CASES),
         metavar="RULES",
-        help="comma-separated rules (default: all)",
+        help="comma-separated rules and compositions (default: all)",
     )
     add(
         "--engines",
         type=_names_from(list(ENGINES), "engine"),
-        default=["foreach", "reference"],
+        default=["foreach", "compiled"],
         metavar="ENGINES",
-        help="comma-separated torchupdates engines (default: foreach,reference)",
+        help="comma-separated torchupdates engines (default: foreach,compiled; reference when asked)",
     )
     add("--dtype", choices=["float32", "float64"], default="float32", help="parameter dtype (default: float32)")
+    add("--device", default="cpu", help="where the tensors live: cpu (default), cuda, cuda:1, ...")
     add("--threads", type=positive_int, default=torch.get_num_threads(), metavar="N", help="torch threads")
+    add(
+        "--compile-times",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time compiled adam's first step, cold and warm cache, in fresh processes (about 15 s; default: on)",
+    )
+    add(
+        "--scaling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time adam on 20 vs 2,000 tensors and 1 vs 10,000 tensors of the same elements (default: on)",
+    )
     add("--json", type=Path, default=None, metavar="PATH", help="also write the measurements as JSON")
 
 
+def _workload_of(args: argparse.Namespace) -> Workload:
+    if args.shapes is not None:
+        if args.numel is not None or args.tensors is not None:
+            raise CommandError("--shapes sets the sizes: leave out --numel and --tensors")
+        workload: Workload = args.shapes
+        return workload
+    return Workload.equal(int(args.numel or 4e6), args.tensors or 200)
+
+
+def _progress(name: str) -> None:
+    print(f"measuring {name} ...", file=sys.stderr, flush=True)
+
+
 def _run(args: argparse.Namespace) -> int:
-    numel = int(args.numel)
-    if numel < args.tensors:
-        raise CommandError(f"--numel {numel} is smaller than --tensors {args.tensors}")
+    workload = _workload_of(args)
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     with torch_threads(args.threads):
-        print(
-            f"{numel:,} {args.dtype} elements in {args.tensors} tensors, torch {torch.__version__}, "
-            f"{args.threads} threads; GB/s = bytes a step must move / median step time"
-        )
-        results = run_bench(args.rules, args.engines, numel, args.tensors, args.repeat, dtype)
-    print(format_results(results, args.engines))
+        report = run_bench(args.rules, args.engines, workload, args.repeat, dtype, device, args.warmup, _progress)
+        if args.scaling:
+            _progress("scaling")
+            add_scaling(report, args.engines, dtype)
+        if args.compile_times and "compiled" in args.engines:
+            _progress("compile times (two fresh processes)")
+            add_compile_times(report, workload, dtype, args.threads)
+        report.load_average += _load()
+    print(format_report(report, args.engines, args.threads))
     if args.json is not None:
-        config = {k: v for k, v in vars(args).items() if k not in ("command", "command_name", "json")}
-        document = {"config": config, "torch": torch.__version__, "results": [asdict(r) for r in results]}
+        config = {k: v for k, v in vars(args).items() if k not in ("command", "command_name", "json", "shapes")}
+        config.update(shapes=None if args.shapes is None else workload.description, numel=report.numel)
+        config.update(tensors=report.tensors, warmup=report.warmup)
         try:
-            args.json.write_text(json.dumps(document, indent=2) + "\n")
+            write_json(report_document(report, config, workload.shapes), args.json)
         except OSError as error:
             raise CommandError(f"cannot write {args.json}: {error.strerror or error}") from None
         print(f"wrote {args.json}")
@@ -248,10 +335,10 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="bench",
-    summary="time one step of each rule beside torch.optim (effective GB/s, state memory)",
+    summary="time one step of each rule beside torch.optim (effective GB/s, memory ceiling, compile times)",
     description=__doc__.splitlines()[0].split(": ", 1)[1] if __doc__ else "",
     configure=configure,
     run=_run,
-    epilog="example:\n  python -m torchupdates bench --numel 13.4e6 --tensors 200 --rules adam,sgd --json bench.json",
+    epilog="example (the issue's workload, every section): python -m torchupdates bench --shapes issue --json b.json",
 )
 """The ``bench`` subcommand, listed by :mod:`torchupdates.cli`."""

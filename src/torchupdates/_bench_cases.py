@@ -1,0 +1,238 @@
+"""What ``bench`` measures: the cases (rules and compositions), the workload, the timing.
+
+A :class:`Case` is one optimizer configuration: how to build it on each engine, how many
+tensors a step must read and write per element, and torch.optim's equivalent when there is
+one. A :class:`Workload` is the list of parameter shapes. :func:`interleaved_medians` times
+several steppers on the same tensors, one step of each in turn, so that the machine's
+drift (other processes, clock changes) hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import modifiers, rules
+from ._command import CommandError
+from .optimizer import Optimizer
+
+__all__ = [
+    "CASES",
+    "COMPOSITIONS",
+    "ISSUE_SHAPES",
+    "Case",
+    "Workload",
+    "interleaved_medians",
+    "make_params",
+    "resolve_device",
+    "synchronize",
+]
+
+TorchFactory = Callable[..., torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class Case:
+    """A rule or composition, the tensors a step must move per element, and torch.optim's
+    equivalent (``None`` for compositions torch.optim does not have)."""
+
+    rule: str
+    moved: int  # reads + writes of parameter, gradient and state, per element
+    build: Callable[[list[torch.Tensor], str], Optimizer]
+    torch_optim: TorchFactory | None = None
+    torch_fused: bool = False  # whether torch.optim's version has fused=True
+
+    def torch_variants(self) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+        """torch.optim's implementations of this case, by column label."""
+        factory = self.torch_optim
+        if factory is None:
+            return {}
+        variants = {
+            "torch single": lambda p: factory(p, foreach=False),
+            "torch foreach": lambda p: factory(p, foreach=True),
+        }
+        if self.torch_fused:
+            variants["torch fused"] = lambda p: factory(p, fused=True)
+        return variants
+
+
+_RULES: tuple[Case, ...] = (
+    Case("sgd", 3, lambda p, e: rules.sgd(p, 0.01, engine=e), lambda p, **k: torch.optim.SGD(p, 0.01, **k), True),
+    Case(
+        "momentum",
+        5,
+        lambda p, e: rules.momentum(p, 0.01, engine=e),
+        lambda p, **k: torch.optim.SGD(p, 0.01, momentum=0.9, **k),
+        True,
+    ),
+    Case(
+        "nesterov_momentum",
+        5,
+        lambda p, e: rules.nesterov_momentum(p, 0.01, engine=e),
+        lambda p, **k: torch.optim.SGD(p, 0.01, momentum=0.9, nesterov=True, **k),
+        True,
+    ),
+    Case(
+        "adagrad",
+        5,
+        lambda p, e: rules.adagrad(p, 0.01, engine=e),
+        lambda p, **k: torch.optim.Adagrad(p, 0.01, **k),
+        True,
+    ),
+    Case(
+        "rmsprop",
+        5,
+        lambda p, e: rules.rmsprop(p, 0.01, engine=e),
+        lambda p, **k: torch.optim.RMSprop(p, 0.01, **k),
+        False,
+    ),
+    Case("adadelta", 7, lambda p, e: rules.adadelta(p, engine=e), lambda p, **k: torch.optim.Adadelta(p, **k), False),
+    Case("adam", 7, lambda p, e: rules.adam(p, engine=e), lambda p, **k: torch.optim.Adam(p, **k), True),
+    Case("adamax", 7, lambda p, e: rules.adamax(p, engine=e), lambda p, **k: torch.optim.Adamax(p, **k), False),
+    Case(
+        "amsgrad",
+        9,
+        lambda p, e: rules.amsgrad(p, engine=e),
+        lambda p, **k: torch.optim.Adam(p, amsgrad=True, **k),
+        True,
+    ),
+)
+
+COMPOSITIONS: tuple[Case, ...] = (
+    # The rule's traffic plus the velocity, read and written once: adam 7 + 2, rmsprop 5 + 2.
+    Case("apply_momentum(adam)", 9, lambda p, e: modifiers.apply_momentum(rules.adam(p, engine=e))),
+    Case(
+        "apply_nesterov_momentum(rmsprop)",
+        7,
+        lambda p, e: modifiers.apply_nesterov_momentum(rules.rmsprop(p, 0.01, engine=e)),
+    ),
+)
+"""Rules with a momentum modifier on top: no torch.optim equivalent, compared by GB/s."""
+
+CASES: dict[str, Case] = {case.rule: case for case in (*_RULES, *COMPOSITIONS)}
+"""The benchmarked rules and compositions, by name."""
+
+ISSUE_SHAPES = "12:1024x1024,188:4096"
+"""The issue's workload: 12 matrices of 1024x1024 and 188 vectors of 4096, 13,352,960 elements."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The parameter shapes a benchmark steps, and a short description of them."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    description: str
+
+    @property
+    def numel(self) -> int:
+        return sum(_numel(shape) for shape in self.shapes)
+
+    @classmethod
+    def equal(cls, numel: int, tensors: int) -> Workload:
+        """``tensors`` vectors of about equal size, ``numel`` elements in all."""
+        if numel < tensors:
+            raise CommandError(f"--numel {numel} is smaller than --tensors {tensors}")
+        sizes = [(numel // tensors + (1 if i < numel % tensors else 0),) for i in range(tensors)]
+        return cls(tuple(sizes), f"{numel:,} elements in {tensors:,} tensors of about equal size")
+
+    @classmethod
+    def parse(cls, spec: str) -> Workload:
+        """``"issue"`` or comma-separated ``COUNT:SHAPE`` with dimensions joined by ``x``,
+        e.g. ``"12:1024x1024,188:4096"``."""
+        text = ISSUE_SHAPES if spec.strip() == "issue" else spec
+        shapes: list[tuple[int, ...]] = []
+        parts = []
+        for entry in text.split(","):
+            count_text, _, shape_text = entry.strip().partition(":")
+            try:
+                count = int(count_text)
+                shape = tuple(int(d) for d in shape_text.split("x"))
+            except ValueError:
+                count, shape = 0, ()
+            if count < 1 or not shape or min(shape) < 1:
+                raise ValueError(
+                    f"bad shape entry {entry.strip()!r}: expected COUNT:SHAPE such as 188:4096 or 12:1024x1024"
+                )
+            shapes += [shape] * count
+            parts.append(f"{count:,} of {'x'.join(map(str, shape))}")
+        workload = cls(tuple(shapes), "")
+        label = "the issue's workload: " if spec.strip() == "issue" else ""
+        description = f"{label}{workload.numel:,} elements in {len(shapes):,} tensors ({' + '.join(parts)})"
+        return cls(workload.shapes, description)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def make_params(
+    shapes: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> list[torch.Tensor]:
+    """Parameters of the given shapes, with gradients; the same values on every device."""
+    generator = torch.Generator().manual_seed(seed)
+    params: list[torch.Tensor] = []
+    for shape in shapes:
+        param = torch.nn.Parameter(torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device))
+        param.grad = (torch.randn(tuple(shape), generator=generator, dtype=dtype) * 1e-3).to(device)
+        params.append(param)
+    return params
+
+
+def resolve_device(text: str) -> torch.device:
+    """The device ``--device`` names, or a :class:`CommandError` saying why it cannot be used."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise CommandError(f"--device {text!r} is not a device: {error}") from None
+    if device.type == "cpu":
+        return device
+    module = getattr(torch, device.type, None)
+    is_available = getattr(module, "is_available", None)
+    if not callable(is_available) or not is_available():
+        raise CommandError(
+            f"--device {text}: no {device.type} device is available on this machine "
+            f"(torch {torch.__version__}); use --device cpu"
+        )
+    count = getattr(module, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise CommandError(f"--device {text}: this machine has {count()} {device.type} device(s), numbered from 0")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that timings cover it."""
+    if device.type == "cpu":
+        return
+    module = getattr(torch, device.type, None)
+    sync = getattr(module, "synchronize", None)
+    if callable(sync):
+        sync(device)
+
+
+def interleaved_medians(
+    steppers: Mapping[str, Callable[[], object]], repeat: int, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per call of each stepper over ``repeat`` rounds, after ``warmup`` rounds.
+
+    A round calls each stepper once, in turn; each call is timed alone, the device
+    synchronized before and after it.
+    """
+    for _ in range(warmup):
+        for step in steppers.values():
+            step()
+    times: dict[str, list[float]] = {label: [] for label in steppers}
+    for _ in range(repeat):
+        for label, step in steppers.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
