@@ -104,8 +104,7 @@ def _measure(
     steppers: dict[str, Callable[[], object]] = {label: opt.step for label, opt in optimizers.items()}
     if ceiling is not None:
         steppers["ceiling"] = ceiling[1]
-    rounds = max(warmup, COMPILED_WARMUP if "compiled" in steppers else 1) - 1
-    seconds = interleaved_medians(steppers, repeat, rounds, device) if steppers else {}
+    seconds = interleaved_medians(steppers, repeat, warmup - 1, device) if steppers else {}
     for label, optimizer in optimizers.items():
         result.gb_per_s[label] = result.bytes_per_step / seconds[label] / 1e9
         result.state_bytes_per_element[label] = _state_bytes(optimizer, numel)
@@ -145,6 +144,9 @@ def run_bench(
     the memory ceiling in the same rounds as Adam (measured for that even when ``adam`` is
     not among ``rule_names``, with torch fused and our engines only, to give the yardstick)."""
     device = torch.device(device)
+    problem = _compiler_problem(device) if "compiled" in engines else None
+    usable = [e for e in engines if not (e == "compiled" and problem is not None)]
+    warmup = max(warmup, COMPILED_WARMUP) if "compiled" in usable else warmup
     params = make_params(workload.shapes, dtype, device)
     report = BenchReport(
         workload.description,
@@ -153,13 +155,11 @@ def run_bench(
         str(device),
         str(dtype).removeprefix("torch."),
         repeat,
-        max(warmup, COMPILED_WARMUP) if "compiled" in engines else warmup,
+        warmup,
         load_average=_load(),
     )
-    problem = _compiler_problem(device) if "compiled" in engines else None
     if problem is not None:
         report.notes.append(f'compiled: "-" because {problem}')
-    usable = [e for e in engines if not (e == "compiled" and problem is not None)]
     adam_result: BenchResult | None = None
     for name in [*rule_names, *([] if "adam" in rule_names else ["adam"])]:
         if progress is not None:
