@@ -7,6 +7,7 @@ that spawns the compile-time processes (cold, then warm Inductor cache) takes ab
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from compiler import needs_compiler
 from torchupdates import _bench_probes
 from torchupdates._bench_cases import CASES, Workload, interleaved_medians
 from torchupdates._bench_probes import EAGER_CEILING, ScalingPair
-from torchupdates.bench import run_bench
+from torchupdates._command import torch_threads
+from torchupdates.bench import _busy_note, run_bench
 from torchupdates.cli import main
 
 TINY = ["--numel", "2000", "--tensors", "4", "--repeat", "1"]
@@ -52,7 +54,8 @@ def test_bench_reports_every_section_in_the_table_and_json(
         "torch fused Adam",
     ):
         assert text in table, text
-    assert "note:" not in table  # everything could be measured
+    # Everything could be measured: no note but, on a busy machine, the one about the load.
+    assert all(line.startswith("note: the load average") for line in table.splitlines() if "note:" in line)
     document = json.loads(out.read_text())
     results = {r["rule"]: r for r in document["results"]}
     assert list(results) == ["sgd", "adam", "apply_momentum(adam)"]
@@ -101,7 +104,8 @@ def test_bench_reports_every_section_in_the_table_and_json(
     assert first["ratio"]["compiled adam"] == pytest.approx(expected)
     assert document["device"] == "cpu" and document["numel"] == 2000 and document["tensors"] == 4
     assert document["shapes"] == [[4, [500]]]
-    assert document["notes"] == []
+    assert all(note.startswith("the load average") for note in document["notes"])
+    assert len(document["load_average"]) in (0, 2) and document["cpu_count"] >= 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -175,6 +179,16 @@ def test_interleaved_medians_time_each_stepper_once_per_round() -> None:
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, 2, torch.device("cpu")
     )
     assert calls == ["a", "b"] * 5 and set(medians) == {"a", "b"}
+
+
+def test_a_busy_machine_gets_a_note() -> None:
+    cpu, cpus = torch.device("cpu"), os.cpu_count() or 1
+    with torch_threads(1):
+        note = _busy_note([cpus + 1.0], cpu)
+        assert note is not None and "--threads" in note and "OMP_WAIT_POLICY=PASSIVE" in note
+        assert _busy_note([0.0], cpu) is None
+        assert _busy_note([], cpu) is None  # no load average on this platform
+        assert _busy_note([cpus + 1.0], torch.device("cuda")) is None
 
 
 def test_every_rule_and_composition_has_a_case() -> None:

@@ -42,6 +42,20 @@ def _load() -> list[float]:
         return []
 
 
+def _busy_note(load_average: Sequence[float], device: torch.device) -> str | None:
+    """A warning when other processes keep the cores that the torch threads need."""
+    cpus = os.cpu_count()
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or not load_average or cpus is None or load_average[0] <= cpus - threads + 0.5:
+        return None
+    return (
+        f"the load average was {load_average[0]:.1f} on {cpus} CPUs before the run: other processes hold cores "
+        f"that the {threads} torch threads need, so parallel loops wait for descheduled threads and times are "
+        "erratic, worst for implementations with many parallel loops per step (torch foreach and single-tensor); "
+        "rerun on a quiet machine, with fewer --threads, or with OMP_WAIT_POLICY=PASSIVE set"
+    )
+
+
 def _state_bytes(optimizer: torch.optim.Optimizer, numel: int) -> float:
     total = sum(
         value.numel() * value.element_size()
@@ -160,6 +174,9 @@ def run_bench(
     )
     if problem is not None:
         report.notes.append(f'compiled: "-" because {problem}')
+    busy = _busy_note(report.load_average, device)
+    if busy is not None:
+        report.notes.append(busy)
     adam_result: BenchResult | None = None
     for name in [*rule_names, *([] if "adam" in rule_names else ["adam"])]:
         if progress is not None:
