@@ -34,6 +34,23 @@ _KERNELS: dict[str, tuple[Callable[..., Sequence[Tensor]], Callable[..., None]]]
     "abs": (torch._foreach_abs, torch._foreach_abs_),
     "sqrt": (sqrt_list, sqrt_list_),
 }
+ELEMENTWISE: dict[str, Callable[..., Tensor]] = {
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "maximum": torch.maximum,
+    "neg": torch.neg,
+    "abs": torch.abs,
+    "sqrt": torch.sqrt,
+}
+"""Every recorded operation (:attr:`TensorList.op`, all but ``"leaf"``) as the plain
+single-tensor torch function that computes it: ``ELEMENTWISE[node.op](*operands)``, operands
+being tensors for :class:`TensorList` arguments and the scalars as recorded. ``out=`` works
+with each. One caveat: on CPU, torch's own float32 ``sqrt`` is not correctly rounded; eager
+code replaying ``"sqrt"`` there should use :func:`torchupdates._sqrt.sqrt_tensor` (compiled
+kernels' square roots are correctly rounded)."""
+
 _COMMUTATIVE = {"add", "mul"}  # IEEE addition and multiplication: a op b == b op a, bit for bit
 
 

@@ -1,7 +1,15 @@
-"""The foreach engine: parameters batched into tensor lists, one kernel per operation."""
+"""The foreach engine: parameters batched into tensor lists, one kernel per operation.
+
+A step on CPU (the common case: plain tensors, no gradient sharing memory with a parameter or
+its state) runs each batch through :mod:`._cpu`: the formulas compiled once per batch into
+single-tensor calls with preallocated buffers, over cache-sized chunks. Everything else (other
+devices, whose multi-tensor kernels want whole lists; update dictionaries; tensor subclasses;
+gradients aliasing targets) records and runs tensor lists as below.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, cast
@@ -10,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .._tensorlist import Graph, TensorList
+from . import _cpu
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
 
 CPU_CHUNK_ELEMENTS = 1 << 18
@@ -54,6 +63,20 @@ def _may_write_in_place(members: Sequence[Slot]) -> bool:
     return None not in targets and None not in grads and not targets & grads
 
 
+def _unaliased(slots: Sequence[Slot]) -> Sequence[Slot]:
+    """The slots, with a copy of each gradient that shares memory with a parameter or state."""
+    targets = {_storage(t) for s in slots for t in (s.param, *s.state.values())}
+    unknown = None in targets  # then any gradient might be a target's memory
+    targets.add(None)  # and a gradient whose memory is unknown might be a target's
+    shared = [i for i, s in enumerate(slots) if unknown or _storage(s.grad) in targets]
+    if not shared:
+        return slots
+    copied = list(slots)
+    for i in shared:
+        copied[i] = dataclasses.replace(slots[i], grad=slots[i].grad.clone())
+    return copied
+
+
 def _leaf(graph: Graph, tensors: Sequence[Tensor], dtype: torch.dtype, writable: bool) -> TensorList:
     work = [to_work(t, dtype) for t in tensors]
     # Only a view of the target itself (not a cast copy) may receive results in place.
@@ -78,7 +101,18 @@ def propose_foreach(
     batches: dict[Hashable, list[int]] = defaultdict(list)
     for index, slot in enumerate(slots):
         batches[_batch_key(slot)].append(index)
+    fast = write and not torch.compiler.is_compiling()
+    if fast:
+        # Chunks write as they go, so a gradient must not be the memory of any target of the
+        # step: such gradients are read once, up front (what apply_updates(updates(x)) does).
+        slots = _unaliased(slots)
     for batch in batches.values():
+        members = [slots[i] for i in batch]
+        if fast and all(_cpu.plain(slot) for slot in members):
+            _cpu.run_batch(stages, members, hyperparameters[members[0].group], CPU_CHUNK_ELEMENTS)
+            _write_counters(stages, members)
+            yield [(i, []) for i in batch]
+            continue
         for indices in _chunks(batch, slots):
             members = [slots[i] for i in indices]
             first = members[0]
@@ -117,3 +151,16 @@ def _pairs(
         None if param_done else proposals[k],
         {key: tensors[k] for key, (tensors, in_place) in zip(keys, state_results, strict=True) if not in_place},
     )
+
+
+def _write_counters(stages: Sequence[Stage], members: Sequence[Slot]) -> None:
+    """Set every member's step counters to this step's numbers (members share them)."""
+    for stage, t in zip(stages, members[0].steps, strict=True):
+        if stage.step_key is None or t is None:
+            continue
+        counters = [slot.counters[stage.step_key] for slot in members]
+        if all(type(c) in (Tensor, torch.nn.Parameter) and c.device.type == "cpu" for c in counters):
+            torch._foreach_copy_(counters, [torch.tensor(t, dtype=torch.int64)] * len(counters))
+        else:
+            for counter in counters:
+                counter.copy_(torch.full_like(counter, t))

@@ -1,0 +1,142 @@
+"""The eager ``foreach`` engine beside torch.optim's foreach (and fused) step, same run.
+
+Workload (default): float32, 13.4M parameters in 200 tensors (12 of 1024x1024 and 188 of 4096),
+gradients fixed. Every implementation gets its own copy of the parameters and gradients; their
+steps are interleaved (one step of each in turn) so that the machine's drift hits all of them
+alike, and each one's median step time over ``--repeat`` rounds is reported, after
+``--warmup`` rounds. Ratios compare medians of the same run. Example::
+
+    python benchmarks/bench_eager.py --repeat 20 --rules adam,momentum
+    python benchmarks/bench_eager.py --profile adam     # torch.profiler table of our step
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import torchupdates as updates
+
+TorchFactory = Callable[[list[torch.Tensor], dict[str, bool]], torch.optim.Optimizer]
+OursFactory = Callable[[list[torch.Tensor], str], torch.optim.Optimizer]
+
+# rule -> (ours, torch.optim's equivalent, whether torch has fused=True for it)
+RULES: dict[str, tuple[OursFactory, TorchFactory, bool]] = {
+    "sgd": (lambda p, e: updates.sgd(p, 0.01, engine=e), lambda p, k: torch.optim.SGD(p, 0.01, **k), True),
+    "momentum": (
+        lambda p, e: updates.momentum(p, 0.01, engine=e),
+        lambda p, k: torch.optim.SGD(p, 0.01, momentum=0.9, **k),
+        True,
+    ),
+    "nesterov_momentum": (
+        lambda p, e: updates.nesterov_momentum(p, 0.01, engine=e),
+        lambda p, k: torch.optim.SGD(p, 0.01, momentum=0.9, nesterov=True, **k),
+        True,
+    ),
+    "adagrad": (lambda p, e: updates.adagrad(p, 0.01, engine=e), lambda p, k: torch.optim.Adagrad(p, 0.01, **k), True),
+    "rmsprop": (lambda p, e: updates.rmsprop(p, 0.01, engine=e), lambda p, k: torch.optim.RMSprop(p, 0.01, **k), False),
+    "adadelta": (lambda p, e: updates.adadelta(p, engine=e), lambda p, k: torch.optim.Adadelta(p, **k), False),
+    "adam": (lambda p, e: updates.adam(p, engine=e), lambda p, k: torch.optim.Adam(p, **k), True),
+    "adamax": (lambda p, e: updates.adamax(p, engine=e), lambda p, k: torch.optim.Adamax(p, **k), False),
+    "amsgrad": (lambda p, e: updates.amsgrad(p, engine=e), lambda p, k: torch.optim.Adam(p, amsgrad=True, **k), True),
+}
+
+
+def make_params(big: int, small: int, big_shape: tuple[int, ...], small_numel: int) -> list[torch.Tensor]:
+    """``big`` tensors of ``big_shape`` and ``small`` of ``small_numel``, with fixed gradients."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [big_shape] * big + [(small_numel,)] * small
+    params = []
+    for shape in shapes:
+        param = torch.nn.Parameter(torch.randn(shape, generator=generator))
+        param.grad = torch.randn(shape, generator=generator) * 1e-3
+        params.append(param)
+    return params
+
+
+def copies(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        assert p.grad is not None
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def implementations(rule: str, engines: list[str], params: list[torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+    ours, theirs, fused = RULES[rule]
+    built: dict[str, torch.optim.Optimizer] = {}
+    for engine in engines:
+        built[engine] = ours(copies(params), engine)
+    built["torch foreach"] = theirs(copies(params), {"foreach": True})
+    if fused:
+        built["torch fused"] = theirs(copies(params), {"fused": True})
+    return built
+
+
+def interleaved_medians(optimizers: dict[str, torch.optim.Optimizer], warmup: int, repeat: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for round_ in range(warmup + repeat):
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def profile(rule: str, engine: str, params: list[torch.Tensor], steps: int) -> None:
+    optimizer = RULES[rule][0](copies(params), engine)
+    for _ in range(3):
+        optimizer.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            optimizer.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rules", default=",".join(RULES), help="comma-separated rules (default: all)")
+    parser.add_argument("--engines", default="foreach", help="comma-separated torchupdates engines")
+    parser.add_argument("--repeat", type=int, default=20, help="timed rounds (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    parser.add_argument("--big", type=int, default=12, help="number of big tensors (default 12)")
+    parser.add_argument("--big-shape", default="1024x1024", help="shape of a big tensor (default 1024x1024)")
+    parser.add_argument("--small", type=int, default=188, help="number of small tensors (default 188)")
+    parser.add_argument("--small-numel", type=int, default=4096, help="elements of a small tensor (default 4096)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--profile", metavar="RULE", default=None, help="profile our step of RULE instead")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    big_shape = tuple(int(n) for n in args.big_shape.split("x"))
+    params = make_params(args.big, args.small, big_shape, args.small_numel)
+    numel = sum(p.numel() for p in params)
+    engines = [e for e in args.engines.split(",") if e]
+    if args.profile:
+        profile(args.profile, engines[0], params, args.repeat)
+        return
+    print(
+        f"{numel / 1e6:.1f}M float32 elements in {len(params)} tensors, torch {torch.__version__}, "
+        f"{args.threads} threads; median ms per step over {args.repeat} interleaved rounds"
+    )
+    columns = [*engines, "torch foreach", "torch fused"]
+    header = ["rule", *(f"{c} ms" for c in columns)]
+    header += [f"{e} / torch foreach" for e in engines] + [f"{e} / torch fused" for e in engines]
+    print("  ".join(header), flush=True)
+    for rule in args.rules.split(","):
+        medians = interleaved_medians(implementations(rule, engines, params), args.warmup, args.repeat)
+        row = [rule] + [f"{medians[c] * 1e3:.1f}" if c in medians else "-" for c in columns]
+        for base in ("torch foreach", "torch fused"):
+            row += [f"{medians[base] / medians[e]:.2f}x" if base in medians else "-" for e in engines]
+        print("  ".join(f"{cell:>{len(h)}}" for cell, h in zip(row, header, strict=True)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

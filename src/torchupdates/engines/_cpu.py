@@ -1,0 +1,250 @@
+"""The foreach engine's CPU step: a batch's formulas compiled once, run over cache-sized chunks.
+
+On CPU, ``torch._foreach_*`` kernels are loops over tensors: a formula run over whole tensors
+makes one pass over memory per operation, and each intermediate is a new tensor as large as
+the parameters. Here a batch's chain is recorded once and compiled into a program of
+single-tensor calls with ``out=`` (:mod:`._program`), which then runs chunk by chunk:
+
+* a *direct* chunk is a range of one large tensor, in memory order, taken as 1-D views of
+  the parameter, its gradient and its state (when all share dtype and layout): results are
+  written straight into the parameter and state;
+* a *staged* chunk packs small tensors (and blocks of large tensors that cannot be viewed
+  alike) into staging buffers with one foreach copy per role, runs there, and copies the new
+  parameters and state back with one foreach copy per role.
+
+Either way a chunk's operands and temporaries (a few scratch buffers, reused by every chunk
+and every step) stay in cache, and nothing is allocated. Every element still goes through
+the same sequence of single IEEE operations as in the reference engine.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from .._sqrt import needs_wide_sqrt
+from .._tensorlist import Graph, TensorList
+from ._chain import Slot, Stage, run_chain
+from ._program import Program, compile_program
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_ALIGN = 16  # elements: chunk boundaries inside a tensor stay 64-byte aligned for float32
+
+
+def plain(slot: Slot) -> bool:
+    """Whether every tensor of the slot is a plain CPU tensor (no subclass such as DTensor)."""
+    tensors = (slot.param, slot.grad, *slot.state.values())
+    return all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors)
+
+
+def _real(tensor: Tensor) -> Tensor:
+    """The tensor as the formulas see it, without a cast: complex as real, 0-d as 1-element."""
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    return tensor.unsqueeze(0) if tensor.dim() == 0 else tensor
+
+
+def _dense(tensor: Tensor) -> bool:
+    """Whether the elements fill one block of memory without gaps or overlap."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride(), strict=True), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    """A dense tensor's elements in memory order, as a 1-D view."""
+    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset())
+
+
+def _blocks(shape: Sequence[int], limit: int) -> Iterator[tuple[int | slice, ...]]:
+    """Indices cutting a tensor of ``shape`` into rectangular blocks of at most ``limit``
+    elements (whole rows along the first dimension while a row fits)."""
+    inner = math.prod(shape[1:])
+    if inner <= limit:
+        rows = max(1, limit // max(inner, 1))
+        for start in range(0, shape[0], rows):
+            yield (slice(start, min(start + rows, shape[0])),)
+        return
+    for i in range(shape[0]):
+        for rest in _blocks(shape[1:], limit):
+            yield (i, *rest)
+
+
+@dataclass
+class _Roles:
+    """The real views of one slot's tensors, in register order (param, grad, state...)."""
+
+    tensors: list[Tensor]
+    numel: int
+
+
+class _Buffers(threading.local):
+    """Per thread: the scratch and staging buffers of each dtype, reused by every step."""
+
+    def __init__(self) -> None:
+        self.by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        self.views: dict[tuple[Any, ...], list[Tensor]] = {}
+
+    def get(self, dtype: torch.dtype, count: int, size: int) -> list[Tensor]:
+        held = self.by_dtype.get(dtype)
+        if held is None or len(held) < count or held[0].numel() < size:
+            if held:
+                count, size = max(count, len(held)), max(size, held[0].numel())
+            stride = -(-size // 64) * 64
+            arena = torch.empty(count * stride, dtype=dtype)
+            held = [arena[i * stride : i * stride + size] for i in range(count)]
+            self.by_dtype[dtype] = held
+            self.views = {key: views for key, views in self.views.items() if key[0] != dtype}
+        return held
+
+    def shaped(self, dtype: torch.dtype, register: int, buffer: Tensor, shapes: tuple[torch.Size, ...]) -> list[Tensor]:
+        """Views of ``buffer`` laid end to end with the given shapes (cached per layout)."""
+        key = (dtype, register, buffer.data_ptr(), shapes)
+        views = self.views.get(key)
+        if views is None:
+            if len(self.views) > 4096:
+                self.views.clear()
+            sizes = [math.prod(shape) for shape in shapes]
+            pieces = buffer[: sum(sizes)].split(sizes)
+            views = [piece.view(shape) for piece, shape in zip(pieces, shapes, strict=True)]
+            self.views[key] = views
+        return views
+
+
+_BUFFERS = _Buffers()
+
+
+def run_batch(
+    stages: Sequence[Stage], members: Sequence[Slot], hyperparameters: Sequence[dict[str, Any]], chunk: int
+) -> None:
+    """Compute the batch's new parameters and state and write them in place (not counters)."""
+    first = members[0]
+    dtype = first.work_dtype
+    keys = list(first.state)
+    program, roles = _compile(stages, hyperparameters, first, keys)
+    if not program.outputs:
+        return
+    slots = []
+    for member in members:
+        tensors = [_real(member.param), _real(member.grad), *(_real(member.state[k]) for k in keys)]
+        slots.append(_Roles(tensors, tensors[0].numel()))
+    registers = len(roles) + program.scratch
+    buffers = _BUFFERS.get(dtype, registers, chunk)
+    scratch = buffers[len(roles) : registers]
+    wide = _BUFFERS.get(torch.float64, 1, chunk)[0] if program.wide else None
+    staged: list[tuple[_Roles, tuple[int | slice, ...] | None]] = []
+    for slot in slots:
+        if slot.numel == 0:
+            continue
+        if slot.numel * 4 >= chunk and _direct(slot.tensors, dtype):
+            _run_direct(program, slot, scratch, wide, chunk)
+        elif slot.numel <= chunk:
+            staged.append((slot, None))
+        else:
+            staged += [(slot, index) for index in _blocks(slot.tensors[0].shape, chunk)]
+    if staged:
+        _run_staged(program, staged, buffers[: len(roles)], scratch, wide, chunk, dtype)
+
+
+def _compile(
+    stages: Sequence[Stage], hyperparameters: Sequence[dict[str, Any]], first: Slot, keys: list[str]
+) -> tuple[Program, list[str]]:
+    graph = Graph()
+    param, grad = graph.leaf([]), graph.leaf([])
+    state = {key: graph.leaf([]) for key in keys}
+    proposal, new_state = run_chain(
+        stages, hyperparameters, param, grad, cast("dict[str, Any]", state), first.steps, first.applies
+    )
+    roles = ["param", "grad", *keys]
+    position = {role: i for i, role in enumerate(roles)}
+    outputs = [(cast(TensorList, proposal), 0)]
+    outputs += [(cast(TensorList, value), position[key]) for key, value in new_state.items()]
+    writable = [role != "grad" for role in roles]
+    wide = needs_wide_sqrt(first.work_dtype, first.param.device)
+    return compile_program(graph, [param, grad, *state.values()], writable, outputs, wide), roles
+
+
+def _direct(tensors: Sequence[Tensor], dtype: torch.dtype) -> bool:
+    """Whether the slot's tensors can be taken as aligned 1-D views: same dtype (the working
+    one), shape and strides, and dense."""
+    first = tensors[0]
+    shape, strides = first.shape, first.stride()
+    return _dense(first) and all(t.dtype == dtype and t.shape == shape and t.stride() == strides for t in tensors)
+
+
+def _run_direct(program: Program, slot: _Roles, scratch: list[Tensor], wide: Tensor | None, chunk: int) -> None:
+    flats = [_flat(t) for t in slot.tensors]
+    n = slot.numel
+    pieces = -(-n // chunk)
+    size = -(-n // pieces)
+    if size % _ALIGN and size + _ALIGN - size % _ALIGN <= chunk:
+        size += _ALIGN - size % _ALIGN
+    run, constants = program.run, program.constants
+    for start in range(0, n, size):
+        length = min(size, n - start)
+        registers = [f[start : start + length] for f in flats] + [s[:length] for s in scratch]
+        if wide is not None:
+            registers.append(wide[:length])
+        run(*registers, *constants)
+
+
+def _run_staged(
+    program: Program,
+    pieces: Sequence[tuple[_Roles, tuple[int | slice, ...] | None]],
+    staging: list[Tensor],
+    scratch: list[Tensor],
+    wide: Tensor | None,
+    chunk: int,
+    dtype: torch.dtype,
+) -> None:
+    group: list[list[Tensor]] = []
+    size = 0
+    for slot, index in pieces:
+        tensors = slot.tensors if index is None else [t[index] for t in slot.tensors]
+        numel = slot.numel if index is None else tensors[0].numel()
+        if size + numel > chunk and group:
+            _run_group(program, group, size, staging, scratch, wide, dtype)
+            group, size = [], 0
+        group.append(tensors)
+        size += numel
+    if group:
+        _run_group(program, group, size, staging, scratch, wide, dtype)
+
+
+def _run_group(
+    program: Program,
+    group: list[list[Tensor]],
+    size: int,
+    staging: list[Tensor],
+    scratch: list[Tensor],
+    wide: Tensor | None,
+    dtype: torch.dtype,
+) -> None:
+    shapes = tuple(tensors[0].shape for tensors in group)
+    views = [_BUFFERS.shaped(dtype, role, staging[role], shapes) for role in range(len(staging))]
+    for role in program.reads:
+        _copy([tensors[role] for tensors in group], views[role])
+    registers = [buffer[:size] for buffer in staging] + [s[:size] for s in scratch]
+    if wide is not None:
+        registers.append(wide[:size])
+    program.run(*registers, *program.constants)
+    for role in program.outputs:
+        _copy(views[role], [tensors[role] for tensors in group])
+
+
+def _copy(sources: list[Tensor], targets: list[Tensor]) -> None:
+    if len(targets) == 1:
+        targets[0].copy_(sources[0])
+    else:
+        torch._foreach_copy_(targets, sources)

@@ -1,0 +1,204 @@
+"""A recorded chain of formulas as a straight-line program of single-tensor torch calls.
+
+The foreach engine on CPU records a batch's formulas once (:class:`~torchupdates._tensorlist.Graph`)
+and runs the record over many chunks of a few hundred thousand elements, each small enough
+that its operands stay in cache. :func:`compile_program` turns the record into a Python
+function of *registers*: equally long 1-D tensors, one per leaf (the parameter, the gradient,
+each state entry) and a few scratch buffers. Every operation writes its result with ``out=``
+into a register whose value is no longer read, so a chunk allocates nothing:
+
+* an output (the new parameter or a state entry) goes straight into its target's register
+  when that target's old value has been read for the last time, else into scratch and is
+  copied there at the end;
+* an intermediate goes into a target's register when the target's old value is dead and the
+  intermediate dies before the target's output is computed, else into a free scratch
+  register (new scratch registers are added only when none is free).
+
+Each recorded operation stays one call of the elementwise torch function with the same
+operands in the same order (``out=`` may alias an operand exactly, which elementwise kernels
+allow), so every element is the same single IEEE operation as in the other engines. Square
+roots are correctly rounded: for float32 (and 16-bit types whose own square root is not
+verified correct) they are computed in a float64 register and rounded once
+(:mod:`torchupdates._sqrt`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._tensorlist import ELEMENTWISE, Graph, Scalar, TensorList
+
+__all__ = ["Program", "compile_program"]
+
+_NEVER = 1 << 62  # "read until the end": the last read of a kept value
+
+
+@dataclass(frozen=True)
+class Program:
+    """A compiled chain: ``run(*registers, *constants)`` computes one chunk in place.
+
+    Registers are ``leaves`` (in the order given to :func:`compile_program`), then
+    ``scratch`` scratch registers of the working dtype, then one float64 register when
+    ``wide`` (for square roots). ``outputs`` lists the leaf positions whose registers hold a
+    new value at the end (the others are unchanged); ``reads`` the leaf positions read.
+    """
+
+    run: Callable[..., None]
+    scratch: int
+    wide: bool
+    constants: tuple[Scalar, ...]
+    outputs: tuple[int, ...]
+    reads: tuple[int, ...]
+    source: str
+
+
+def compile_program(
+    graph: Graph,
+    leaves: Sequence[TensorList],
+    writable: Sequence[bool],
+    outputs: Sequence[tuple[TensorList, int]],
+    wide_sqrt: bool,
+) -> Program:
+    """Allocate registers for ``graph`` and generate its program.
+
+    ``leaves`` are the graph's leaves in register order; ``writable[i]`` says whether leaf
+    ``i``'s register may be overwritten (a target being replaced; gradients are not).
+    ``outputs`` pairs each result node with the position of the leaf it replaces, which must
+    be writable. ``wide_sqrt``: square roots go through a float64 register.
+    """
+    return _Allocator(graph, leaves, writable, outputs, wide_sqrt).program()
+
+
+class _Allocator:
+    def __init__(
+        self,
+        graph: Graph,
+        leaves: Sequence[TensorList],
+        writable: Sequence[bool],
+        outputs: Sequence[tuple[TensorList, int]],
+        wide_sqrt: bool,
+    ) -> None:
+        self.nodes = graph.nodes
+        self.leaves = list(leaves)
+        self.wide_sqrt = wide_sqrt
+        self.last_read = [-1] * len(self.nodes)
+        for node in self.nodes:
+            for arg in node.args:
+                if isinstance(arg, TensorList):
+                    self.last_read[arg.index] = node.index
+        self.output_of: dict[int, int] = {}  # target register -> result node index
+        for node, position in outputs:
+            if not writable[position]:
+                raise ValueError(f"leaf {position} receives an output but is not writable")
+            if position in self.output_of:
+                raise ValueError(f"leaf {position} receives two outputs")
+            self.output_of[position] = node.index
+            self.last_read[node.index] = _NEVER
+        # A target without an output keeps its value: its register is never written.
+        self.writable = [w and i in self.output_of for i, w in enumerate(writable)]
+        self.reg_of: dict[int, int] = {leaf.index: i for i, leaf in enumerate(self.leaves)}
+        self.holds: list[int | None] = [leaf.index for leaf in self.leaves]  # node held by each register
+        self.lines: list[str] = []
+        self.constants: list[Scalar] = []
+
+    # -- allocation ---------------------------------------------------------------------
+
+    def _free(self, reg: int, now: int) -> bool:
+        held = self.holds[reg]
+        return held is None or self.last_read[held] <= now
+
+    def _scratch(self, now: int) -> int:
+        for reg in range(len(self.leaves), len(self.holds)):
+            if self._free(reg, now):
+                return reg
+        self.holds.append(None)
+        return len(self.holds) - 1
+
+    def _destination(self, node: TensorList) -> int:
+        now = node.index
+        targets = [reg for reg, result in self.output_of.items() if result == now]
+        for reg in targets:
+            if self._free(reg, now):
+                return reg
+        if not targets:
+            # An intermediate may borrow a target's register until that target's output.
+            for reg, result in self.output_of.items():
+                if result > now and self.writable[reg] and self._free(reg, now) and self.last_read[now] <= result:
+                    return reg
+        return self._scratch(now)
+
+    # -- code ----------------------------------------------------------------------------
+
+    def _operand(self, arg: TensorList | Scalar) -> str:
+        if isinstance(arg, TensorList):
+            return f"r{self.reg_of[arg.index]}"
+        self.constants.append(arg)
+        return f"c{len(self.constants) - 1}"
+
+    def _emit(self, node: TensorList) -> None:
+        operands = [self._operand(arg) for arg in node.args]
+        out = self._destination(node)
+        self.reg_of[node.index] = out
+        self.holds[out] = node.index
+        if node.op == "sqrt" and self.wide_sqrt:
+            # Correctly rounded: the float64 root of a float32/16 value rounds once to the
+            # nearest float32/16 (see _sqrt.py); "w" is the float64 register.
+            self.lines.append(f"w.copy_({operands[0]}); sqrt(w, out=w); r{out}.copy_(w)")
+        else:
+            self.lines.append(f"{node.op}({', '.join(operands)}, out=r{out})")
+
+    def program(self) -> Program:
+        for node in self.nodes:
+            if node.op == "leaf":
+                if node.index not in self.reg_of:
+                    raise ValueError("the graph has a leaf that was not given as a register")
+                continue
+            self._emit(node)
+        self._final_copies()
+        scratch = len(self.holds) - len(self.leaves)
+        wide = self.wide_sqrt and any(node.op == "sqrt" for node in self.nodes)
+        names = [f"r{i}" for i in range(len(self.holds))] + (["w"] if wide else [])
+        names += [f"c{i}" for i in range(len(self.constants))]
+        body = [f"    {line}" for line in self.lines] or ["    pass"]
+        source = "\n".join([f"def program({', '.join(names)}):", *body]) + "\n"
+        reads = tuple(i for i, leaf in enumerate(self.leaves) if self.last_read[leaf.index] >= 0)
+        return Program(
+            run=_compiled(source),
+            scratch=scratch,
+            wide=wide,
+            constants=tuple(self.constants),
+            outputs=tuple(sorted(self.output_of)),
+            reads=reads,
+            source=source,
+        )
+
+    def _final_copies(self) -> None:
+        """Copy each output not computed in its target's register into it."""
+        copies = [(self.reg_of[result], target) for target, result in self.output_of.items()]
+        copies = [(source, target) for source, target in copies if source != target]
+        overwritten = {target for _, target in copies}
+        staged = []
+        for source, target in copies:
+            if source in overwritten:
+                # The source is a target that is itself overwritten below (a leaf passed
+                # through to another target): read it into scratch first.
+                spare = self._scratch(_NEVER - 1)  # kept values (read "until _NEVER") stay
+                self.holds[spare] = self.output_of[target]
+                self.lines.append(f"r{spare}.copy_(r{source})")
+                source = spare
+            staged.append((source, target))
+        self.lines += [f"r{target}.copy_(r{source})" for source, target in staged]
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str) -> Callable[..., None]:
+    namespace: dict[str, Any] = dict(ELEMENTWISE)
+    namespace["sqrt"] = torch.sqrt
+    exec(compile(source, f"<torchupdates program {hash(source) & 0xFFFFFFFF:08x}>", "exec"), namespace)
+    run: Callable[..., None] = namespace["program"]
+    return run

@@ -1,0 +1,361 @@
+"""The foreach engine's CPU step (compiled programs over chunks) against the reference engine.
+
+Every case is compared bit for bit, parameters and state, after several steps: layouts that
+take the direct path (1-D views of large tensors) and the staged path (small tensors packed
+into buffers; blocks of large tensors whose gradient or state is laid out differently), dtypes
+that are cast on the way (float16 and bfloat16 parameters with float32 state), complex,
+0-d and empty parameters, formulas that pass leaves through or swap state, gradients that
+share memory with targets, and steps on two threads at once.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import torchupdates
+from torchupdates import _tensorlist
+from torchupdates._tensorlist import ELEMENTWISE, Graph
+from torchupdates.engines import _cpu
+from torchupdates.engines import foreach as foreach_engine
+from torchupdates.engines._program import compile_program
+from torchupdates.optimizer import Optimizer
+from torchupdates.transform import NON_NEGATIVE, Hyperparameter, Transform
+
+CHUNK = 1000  # elements: tensors below are cut into several chunks of this size
+
+Build = Callable[..., Optimizer]  # (params, engine, state_dtype=...)
+
+CHAINS: dict[str, Build] = {
+    "adam": lambda p, e, **k: torchupdates.adam(p, learning_rate=0.01, engine=e, **k),
+    "adadelta": lambda p, e, **k: torchupdates.adadelta(p, engine=e, **k),
+    "momentum": lambda p, e, **k: torchupdates.momentum(p, 0.01, engine=e, **k),
+    "nesterov(amsgrad)": lambda p, e, **k: torchupdates.apply_nesterov_momentum(
+        torchupdates.amsgrad(p, 0.01, engine=e, **k), momentum=0.5
+    ),
+    "momentum(adamax, 2 params)": lambda p, e, **k: torchupdates.apply_momentum(
+        torchupdates.adamax(p, engine=e, **k), p[:2]
+    ),
+    "rmsprop": lambda p, e, **k: torchupdates.rmsprop(p, 0.01, engine=e, **k),
+    "adagrad": lambda p, e, **k: torchupdates.adagrad(p, 0.1, engine=e, **k),
+    "sgd": lambda p, e, **k: torchupdates.sgd(p, 0.1, engine=e, **k),
+}
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(foreach_engine, "CPU_CHUNK_ELEMENTS", CHUNK)
+
+
+@pytest.fixture
+def fast_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = _cpu.run_batch
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        calls.append(len(args[1]))
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(_cpu, "run_batch", counted)
+    return calls
+
+
+def _randn(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    if dtype.is_complex:
+        return torch.randn(shape, dtype=dtype, generator=generator)
+    return torch.randn(shape, generator=generator).to(dtype)
+
+
+def _layout(tensor: torch.Tensor, how: str) -> torch.Tensor:
+    """``tensor``'s values in another memory layout: channels_last, or transposed storage."""
+    if how == "channels_last":
+        return tensor.contiguous(memory_format=torch.channels_last)
+    if how == "transposed":
+        return tensor.transpose(0, 1).contiguous().transpose(0, 1)
+    return tensor
+
+
+# name: (shapes, dtype, param layout, grad layout, state_dtype)
+CASES: dict[str, tuple[list[tuple[int, ...]], torch.dtype, str, str, torch.dtype | None]] = {
+    "direct float32": ([(2003, 3), (4096,), (7,), (1000,), (333, 5)], torch.float32, "", "", None),
+    "float64": ([(1500, 2), (5,)], torch.float64, "", "", None),
+    "channels_last": ([(8, 16, 6, 5), (3, 4, 2, 2)], torch.float32, "channels_last", "channels_last", None),
+    "grads laid out otherwise": ([(8, 16, 6, 5), (40, 60), (3, 3)], torch.float32, "", "transposed", None),
+    "params laid out otherwise": ([(40, 60), (50, 30)], torch.float32, "transposed", "", None),
+    "float16 with float32 state": ([(1200, 3), (9,)], torch.float16, "", "", torch.float32),
+    "bfloat16 with float32 state": ([(1200, 3), (9,)], torch.bfloat16, "", "", torch.float32),
+    "float16": ([(1200, 3), (9,)], torch.float16, "", "", None),
+    "bfloat16": ([(1200, 3), (9,)], torch.bfloat16, "", "", None),
+    "complex": ([(900, 2), (6,)], torch.complex64, "", "", None),
+    "0-d and empty": ([(), (0,), (4, 0), (3000,), ()], torch.float32, "", "", None),
+}
+
+
+def _problem(case: str, seed: int = 0) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], torch.dtype | None]:
+    shapes, dtype, param_layout, grad_layout, state_dtype = CASES[case]
+    generator = torch.Generator().manual_seed(seed)
+    init = [_layout(_randn(s, dtype, generator), param_layout if len(s) >= 2 else "") for s in shapes]
+    grads = [
+        [_layout(_randn(s, dtype, generator) * 0.1, grad_layout if len(s) >= 2 else "") for s in shapes]
+        for _ in range(4)
+    ]
+    for step in grads[::2]:  # exact zeros here and there: maximum() and accumulators see them
+        for g in step:
+            g.masked_fill_((torch.arange(g.numel()) % 3 == 0).reshape(g.shape), 0)
+    return init, grads, state_dtype
+
+
+def _leaves(init: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.nn.Parameter(p.detach().clone()) for p in init]  # clone keeps the layout
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (NaNs compare equal when their bits are)."""
+    tensor = tensor.detach()
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def _assert_same(a: Optimizer, pa: list[torch.Tensor], b: Optimizer, pb: list[torch.Tensor]) -> None:
+    for i, (x, y) in enumerate(zip(pa, pb, strict=True)):
+        assert x.dtype == y.dtype and x.stride() == y.stride(), f"param {i}: layout changed"
+        assert torch.equal(_bits(x), _bits(y)), f"param {i} differs"
+        sa, sb = a.state.get(x, {}), b.state.get(y, {})
+        assert set(sa) == set(sb)
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype and torch.equal(_bits(sa[key]), _bits(sb[key])), f"{i}: {key}"
+
+
+def _run_both(build: Build, case: str) -> None:
+    init, grads, state_dtype = _problem(case)
+    runs = []
+    for engine in ("reference", "foreach"):
+        params = _leaves(init)
+        opt = build(params, engine, state_dtype=state_dtype)
+        for step in grads:
+            opt.step([g.clone() for g in step])
+        runs.append((opt, params))
+    _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_cpu_step_equals_reference(chain: str, case: str, fast_path_calls: list[int]) -> None:
+    _run_both(CHAINS[chain], case)
+    assert fast_path_calls, "the compiled CPU path did not run"
+
+
+def test_cases_have_the_layouts_they_claim() -> None:
+    init, grads, _ = _problem("channels_last")
+    params = _leaves(init)
+    assert params[0].is_contiguous(memory_format=torch.channels_last) and not params[0].is_contiguous()
+    init, grads, _ = _problem("grads laid out otherwise")
+    assert init[1].is_contiguous() and not grads[0][1].is_contiguous()
+    params = _leaves(init)
+    opt = torchupdates.adam(params, engine="foreach")
+    opt.step(grads[0])
+    assert opt.state[params[0]]["m"].is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_params_with_float32_state(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(3)
+    init = [torch.randn(2100, generator=generator).to(dtype), torch.randn(5, generator=generator).to(dtype)]
+    grads = [[torch.randn(p.shape, generator=generator).to(dtype) * 0.1 for p in init] for _ in range(4)]
+    runs = []
+    for engine in ("reference", "foreach"):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = torchupdates.adadelta(params, engine=engine, state_dtype=torch.float32)
+        for step in grads:
+            opt.step(step)
+        runs.append((opt, params))
+    _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+
+
+def test_updates_and_step_agree(fast_path_calls: list[int]) -> None:
+    # updates() runs the tensor-list path (its values must be new tensors); step() the CPU path.
+    init, grads, _ = _problem("direct float32")
+    pa, pb = _leaves(init), _leaves(init)
+    a, b = CHAINS["nesterov(amsgrad)"](pa, "foreach"), CHAINS["nesterov(amsgrad)"](pb, "foreach")
+    for step in grads:
+        a.step(step)
+        calls = len(fast_path_calls)
+        torchupdates.apply_updates(b.updates(step))
+        assert len(fast_path_calls) == calls
+    _assert_same(a, pa, b, pb)
+
+
+# --- formulas that stress the register allocation --------------------------------------------
+
+
+def _custom(formula: Callable[..., Any], state: tuple[str, ...]) -> Transform:
+    return Transform("custom", (Hyperparameter("learning_rate", 0.1, NON_NEGATIVE),), state, formula)
+
+
+def _swap(param: Any, grad: Any, state: dict[str, Any], t: None, *, learning_rate: Any) -> Any:
+    return param - learning_rate * grad, {"a": state["b"] + grad, "b": state["a"]}
+
+
+def _pass_grad(param: Any, grad: Any, state: dict[str, Any], t: None, *, learning_rate: Any) -> Any:
+    return grad, {"a": state["a"] * learning_rate}
+
+
+def _identity(param: Any, grad: Any, state: dict[str, Any], t: None, *, learning_rate: Any) -> Any:
+    return param, {"a": state["a"]}
+
+
+def _shared_output(param: Any, grad: Any, state: dict[str, Any], t: None, *, learning_rate: Any) -> Any:
+    x = param - learning_rate * grad
+    return x, {"a": x, "b": state["a"] - x}
+
+
+def _read_only_state(param: Any, grad: Any, state: dict[str, Any], t: None, *, learning_rate: Any) -> Any:
+    return param - state["a"] * grad - learning_rate, {}
+
+
+def _everything(param: Any, grad: Any, state: dict[str, Any], t: None, *, learning_rate: Any) -> Any:
+    from torchupdates._math import maximum, sqrt
+
+    y = maximum(abs(grad), -state["a"]) / (2.0 - sqrt(abs(state["b"]) + 1.0))
+    return -(param - y * learning_rate), {"a": state["b"] - y, "b": 1.0 - state["a"]}
+
+
+CUSTOM = {
+    "swap": (_swap, ("a", "b")),
+    "pass_grad": (_pass_grad, ("a",)),
+    "identity": (_identity, ("a",)),
+    "shared_output": (_shared_output, ("a", "b")),
+    "read_only_state": (_read_only_state, ("a",)),
+    "everything": (_everything, ("a", "b")),
+}
+
+
+@pytest.mark.parametrize("name", list(CUSTOM))
+def test_custom_formulas(name: str, fast_path_calls: list[int]) -> None:
+    formula, state = CUSTOM[name]
+    transform = _custom(formula, state)
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(2500,), (7,), (3, 4)]
+    init = [torch.randn(s, generator=generator) for s in shapes]
+    grads = [[torch.randn(s, generator=generator) for s in shapes] for _ in range(3)]
+    runs = []
+    for engine in ("reference", "foreach"):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = Optimizer(params, transform, engine=engine)
+        for p in params:  # non-zero state, so that swaps and pass-throughs show
+            for key in state:
+                opt.state[p][key] = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(key)))
+        for step in grads:
+            opt.step(step)
+        runs.append((opt, params))
+    _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+    assert fast_path_calls
+
+
+# --- memory shared between gradients and targets -----------------------------------------------
+
+
+def test_gradient_is_another_parameters_state(fast_path_calls: list[int]) -> None:
+    # Parameter 1's gradient is parameter 0's velocity: read before anything is written, as
+    # apply_updates(updates(x)) reads it.
+    generator = torch.Generator().manual_seed(6)
+    init = [torch.randn(3000, generator=generator), torch.randn(3000, generator=generator)]
+    pa, pb = [torch.nn.Parameter(p.clone()) for p in init], [torch.nn.Parameter(p.clone()) for p in init]
+    a = torchupdates.momentum(pa, 0.1, engine="foreach")
+    b = torchupdates.momentum(pb, 0.1, engine="reference")
+    first = [torch.full_like(p, 0.5) for p in init]
+    a.step(first)
+    b.step(first)
+    for _ in range(3):
+        a.step([torch.ones(3000), a.state[pa[0]]["velocity"]])
+        torchupdates.apply_updates(b.updates([torch.ones(3000), b.state[pb[0]]["velocity"].clone()]))
+    _assert_same(a, pa, b, pb)
+    assert fast_path_calls
+
+
+def test_gradient_is_the_parameter_itself() -> None:
+    generator = torch.Generator().manual_seed(7)
+    init = torch.randn(2500, generator=generator)
+    pa, pb = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    a, b = torchupdates.adam([pa], engine="foreach"), torchupdates.adam([pb], engine="reference")
+    for _ in range(3):
+        a.step([pa.detach()])
+        b.step([pb.detach().clone()])
+    _assert_same(a, [pa], b, [pb])
+
+
+# --- threads ----------------------------------------------------------------------------------
+
+
+def test_two_threads_step_at_once() -> None:
+    # Scratch buffers are per thread: optimizers stepping concurrently do not share them.
+    generator = torch.Generator().manual_seed(8)
+    init = [torch.randn(20_000, generator=generator), torch.randn(50, generator=generator)]
+    grads = [[torch.randn(p.shape, generator=generator) for p in init] for _ in range(10)]
+
+    def run(out: list[torch.Tensor]) -> None:
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = torchupdates.adadelta(params, engine="foreach")
+        for step in grads:
+            opt.step(step)
+        out += [p.detach() for p in params]
+
+    expected: list[torch.Tensor] = []
+    run(expected)
+    results: list[list[torch.Tensor]] = [[] for _ in range(4)]
+    threads = [threading.Thread(target=run, args=(r,)) for r in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        assert all(torch.equal(x, y) for x, y in zip(result, expected, strict=True))
+
+
+# --- the table of operations and the program compiler ---------------------------------------------
+
+
+def test_elementwise_table_covers_every_recorded_operation() -> None:
+    graph = Graph()
+    a, b = graph.leaf([torch.tensor([4.0, -2.0])]), graph.leaf([torch.tensor([0.5, 3.0])])
+    nodes = [a + b, a - b, a * b, a / b, a.maximum(b), -a, abs(a), b.sqrt(), 2.0 - a, a - torch.tensor(1.0)]
+    assert {node.op for node in nodes} == set(ELEMENTWISE) == set(_tensorlist._KERNELS)
+    values = {a.index: torch.tensor([4.0, -2.0]), b.index: torch.tensor([0.5, 3.0])}
+    for node in graph.nodes[2:]:
+        operands = [values[x.index] if isinstance(x, _tensorlist.TensorList) else x for x in node.args]
+        out = torch.empty(2)
+        ELEMENTWISE[node.op](*operands, out=out)
+        values[node.index] = out
+    assert values[nodes[0].index].tolist() == [4.5, 1.0]
+    assert values[nodes[-2].index].tolist() == [-2.0, 4.0]
+
+
+def test_programs_reuse_registers() -> None:
+    # Adam: its new m and v go straight into their own registers, the new parameter into the
+    # parameter's; two scratch registers carry everything else, nothing is copied at the end.
+    graph = Graph()
+    leaves = [graph.leaf([]) for _ in range(4)]
+    param, grad, m, v = leaves
+    m2 = 0.9 * m + 0.1 * grad
+    v2 = 0.999 * v + 0.001 * (grad * grad)
+    new = param - 0.01 * m2 / (v2.sqrt() + 1e-8)
+    program = compile_program(graph, leaves, [True, False, True, True], [(new, 0), (m2, 2), (v2, 3)], True)
+    assert program.scratch == 2
+    assert program.wide
+    assert not re.search(r"r\d+\.copy_\(r\d+\)", program.source), program.source  # no register copies
+    assert program.outputs == (0, 2, 3)
+
+
+def test_program_refuses_outputs_into_read_only_leaves() -> None:
+    graph = Graph()
+    param, grad = graph.leaf([]), graph.leaf([])
+    with pytest.raises(ValueError, match="not writable"):
+        compile_program(graph, [param, grad], [True, False], [(param - grad, 1)], False)
