@@ -139,7 +139,7 @@ def _format_scaling(scaling: ScalingReport) -> str:
 
 def format_report(report: BenchReport, engines: Sequence[str], threads: int | None = None) -> str:
     """The whole report as text: the GB/s table, the ratio table, and the other sections."""
-    threads_text = "" if threads is None else f", {threads} threads"
+    threads_text = "" if threads is None else f", {threads} thread{'s' if threads > 1 else ''}"
     load = "/".join(f"{value:.1f}" for value in report.load_average)
     load_text = f"; load average {load} at start/end on {report.cpu_count} CPUs" if load else ""
     parts = [
