@@ -177,12 +177,14 @@ def test_no_recompilation_when_hyperparameters_change() -> None:
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, params, strict=True))
 
 
-def test_missing_compiler_is_a_clear_error_before_any_step(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_compiler_is_a_clear_error_before_any_step() -> None:
     from torch._inductor import config
 
-    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/g++",))
     params = make_params()[:2]
-    with pytest.raises(RuntimeError, match=r'C\+\+ compiler.*g\+\+.*engine="foreach"'):
+    with (
+        config.patch({"cpp.cxx": ("/nonexistent/g++",)}),
+        pytest.raises(RuntimeError, match=r'C\+\+ compiler.*g\+\+.*engine="foreach"'),
+    ):
         torchupdates.adam(params, engine="compiled")
     # The default engine needs no compiler.
     torchupdates.adam(params).step(gradients(params, 0))

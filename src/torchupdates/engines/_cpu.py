@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .._sqrt import needs_wide_sqrt
-from .._tensorlist import Graph, TensorList
+from .._tensorlist import Graph, Scalar, TensorList
 from ._chain import Slot, Stage, run_chain
 from ._program import Program, compile_program
 
@@ -40,7 +40,7 @@ _ALIGN = 16  # elements: chunk boundaries inside a tensor stay 64-byte aligned f
 def plain(slot: Slot) -> bool:
     """Whether every tensor of the slot is a plain CPU tensor (no subclass such as DTensor)."""
     tensors = (slot.param, slot.grad, *slot.state.values())
-    return all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors)
+    return all(type(t) in _PLAIN and t.is_cpu for t in tensors)
 
 
 def _real(tensor: Tensor) -> Tensor:
@@ -137,8 +137,11 @@ def run_batch(
         return
     slots = []
     for member in members:
-        tensors = [_real(member.param), _real(member.grad), *(_real(member.state[k]) for k in keys)]
+        tensors = [member.param, member.grad, *(member.state[k] for k in keys)]
+        if member.param.is_complex() or member.param.dim() == 0:  # its gradient and state alike
+            tensors = [_real(t) for t in tensors]
         slots.append(_Roles(tensors, tensors[0].numel()))
+    constants = _constants(program.constants, dtype)
     registers = len(roles) + program.scratch
     buffers = _BUFFERS.get(dtype, registers, chunk)
     scratch = buffers[len(roles) : registers]
@@ -148,13 +151,26 @@ def run_batch(
         if slot.numel == 0:
             continue
         if slot.numel * 4 >= chunk and _direct(slot.tensors, dtype):
-            _run_direct(program, slot, scratch, wide, chunk)
+            _run_direct(program, constants, slot, scratch, wide, chunk)
         elif slot.numel <= chunk:
             staged.append((slot, None))
         else:
             staged += [(slot, index) for index in _blocks(slot.tensors[0].shape, chunk)]
     if staged:
-        _run_staged(program, staged, buffers[: len(roles)], scratch, wide, chunk, dtype)
+        _run_staged(program, constants, staged, buffers[: len(roles)], scratch, wide, chunk, dtype)
+
+
+def _constants(values: Sequence[Scalar], dtype: torch.dtype) -> tuple[Scalar, ...]:
+    """The program's scalars, as 0-d tensors of the working dtype when that changes nothing.
+
+    For float32 and float64 results, torch casts a scalar operand (a Python number or a 0-d
+    tensor) to the result's dtype, rounding to nearest, before the elementwise loop: casting
+    it once here gives the same operand and spares each call the conversion. float16 and
+    bfloat16 kernels read some scalars in float32 instead, so their scalars stay as they are.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        return tuple(values)
+    return tuple(value.to(dtype) if isinstance(value, Tensor) else torch.tensor(value, dtype=dtype) for value in values)
 
 
 def _compile(
@@ -183,14 +199,21 @@ def _direct(tensors: Sequence[Tensor], dtype: torch.dtype) -> bool:
     return _dense(first) and all(t.dtype == dtype and t.shape == shape and t.stride() == strides for t in tensors)
 
 
-def _run_direct(program: Program, slot: _Roles, scratch: list[Tensor], wide: Tensor | None, chunk: int) -> None:
+def _run_direct(
+    program: Program,
+    constants: tuple[Scalar, ...],
+    slot: _Roles,
+    scratch: list[Tensor],
+    wide: Tensor | None,
+    chunk: int,
+) -> None:
     flats = [_flat(t) for t in slot.tensors]
     n = slot.numel
     pieces = -(-n // chunk)
     size = -(-n // pieces)
     if size % _ALIGN and size + _ALIGN - size % _ALIGN <= chunk:
         size += _ALIGN - size % _ALIGN
-    run, constants = program.run, program.constants
+    run = program.run
     for start in range(0, n, size):
         length = min(size, n - start)
         registers = [f[start : start + length] for f in flats] + [s[:length] for s in scratch]
@@ -201,6 +224,7 @@ def _run_direct(program: Program, slot: _Roles, scratch: list[Tensor], wide: Ten
 
 def _run_staged(
     program: Program,
+    constants: tuple[Scalar, ...],
     pieces: Sequence[tuple[_Roles, tuple[int | slice, ...] | None]],
     staging: list[Tensor],
     scratch: list[Tensor],
@@ -214,16 +238,17 @@ def _run_staged(
         tensors = slot.tensors if index is None else [t[index] for t in slot.tensors]
         numel = slot.numel if index is None else tensors[0].numel()
         if size + numel > chunk and group:
-            _run_group(program, group, size, staging, scratch, wide, dtype)
+            _run_group(program, constants, group, size, staging, scratch, wide, dtype)
             group, size = [], 0
         group.append(tensors)
         size += numel
     if group:
-        _run_group(program, group, size, staging, scratch, wide, dtype)
+        _run_group(program, constants, group, size, staging, scratch, wide, dtype)
 
 
 def _run_group(
     program: Program,
+    constants: tuple[Scalar, ...],
     group: list[list[Tensor]],
     size: int,
     staging: list[Tensor],
@@ -238,7 +263,7 @@ def _run_group(
     registers = [buffer[:size] for buffer in staging] + [s[:size] for s in scratch]
     if wide is not None:
         registers.append(wide[:size])
-    program.run(*registers, *program.constants)
+    program.run(*registers, *constants)
     for role in program.outputs:
         _copy(views[role], [tensors[role] for tensors in group])
 

@@ -91,9 +91,17 @@ class FlatBucket:
         Role name (``"param"``, ``"grad"``, a state key) -> the real dtype of its buffer.
     device : torch.device
         Where the buffers live.
+    parallel_elements : int
+        From this many elements on, a CPU kernel over the buffers should use threads.
     """
 
-    def __init__(self, params: Sequence[Tensor], roles: dict[str, torch.dtype], device: torch.device) -> None:
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        roles: dict[str, torch.dtype],
+        device: torch.device,
+        parallel_elements: int = 1 << 16,
+    ) -> None:
         self.params = list(params)
         self.spans: list[Span] = []
         total = 0
@@ -102,6 +110,7 @@ class FlatBucket:
             self.spans.append(span)
             total += span.numel
         self.numel = total
+        self.parallel = device.type != "cpu" or total >= parallel_elements
         # Dynamic-shape kernels specialise on lengths 0 and 1; a length of at least 2 avoids a
         # second compilation for a bucket of one scalar. Padding is computed on and never read.
         self.buffers = {role: torch.zeros(max(total, 2), dtype=dtype, device=device) for role, dtype in roles.items()}

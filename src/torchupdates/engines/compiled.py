@@ -50,10 +50,15 @@ _FUNCTIONS = {
     "sqrt": "torch.sqrt",
 }
 # emulate_precision_casts: on CUDA, no contraction into FMA (and casts as eager rounds them).
-# cpp.dynamic_threads: a parallel loop whatever length the kernel was first compiled for.
-_COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
-    "emulate_precision_casts": True,
-    "cpp.dynamic_threads": True,
+_COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"emulate_precision_casts": True}
+# On CPU a kernel is parallel or not by the length it was first compiled for; one kernel serves
+# buckets of every length, so the choice is made here: threads for long buffers (whatever
+# length came first), one thread for short ones (where waking threads costs more than it saves,
+# and much more when other processes hold the cores).
+PARALLEL_ELEMENTS = 1 << 16
+_THREADS: dict[bool, dict[str, str | int | bool | Callable[..., Any]]] = {
+    True: {"cpp.dynamic_threads": True},
+    False: {"cpp.threads": 1},
 }
 
 
@@ -152,11 +157,12 @@ class _Program:
 
 
 @functools.cache
-def _compiled(source: str) -> Callable[..., Any]:
+def _compiled(source: str, parallel: bool) -> Callable[..., Any]:
     """Compile a kernel's source once per process (Inductor caches its code on disk too)."""
     namespace: dict[str, Any] = {"torch": torch}
     exec(compile(source, f"<torchupdates kernel {hash(source) & 0xFFFFFFFF:08x}>", "exec"), namespace)
-    return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS)
+    options = {**_COMPILE_OPTIONS, **_THREADS[parallel]}
+    return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=options)
 
 
 def _batch_key(slot: Slot) -> tuple[Any, ...]:
@@ -337,7 +343,9 @@ class CompiledEngine:
                 steps = run.steps(stages)
                 first = replace(run.first, steps=steps)
                 program = self._record(stages, hyperparameters[first.group], first, run.bucket)
-                _compiled(program.source(True))(*run.bucket.buffers.values(), *program.coefficients)
+                _compiled(program.source(True), run.bucket.parallel)(
+                    *run.bucket.buffers.values(), *program.coefficients
+                )
                 for key, t in zip((s.step_key for s in stages), steps, strict=True):
                     if key is not None and t is not None:
                         run.bucket.counters[key].fill_(t)
@@ -351,7 +359,7 @@ class CompiledEngine:
         if bucket is None or any(a is not b for a, b in zip(bucket.params, (s.param for s in members), strict=True)):
             roles = {"param": real(first.param).dtype, "grad": real(first.grad).dtype}
             roles.update({key: real(tensor).dtype for key, tensor in first.state.items()})
-            bucket = FlatBucket([slot.param for slot in members], roles, first.param.device)
+            bucket = FlatBucket([slot.param for slot in members], roles, first.param.device, PARALLEL_ELEMENTS)
             # A parameter belongs to one bucket: drop older buckets of any of these parameters.
             taken = set(ids)
             self._buckets = {k: b for k, b in self._buckets.items() if not taken & {id(p) for p in b.params}}
@@ -388,7 +396,7 @@ class CompiledEngine:
         bucket.gather("grad", [s.grad for s in members])
         for key in members[0].state:
             bucket.gather(key, [s.state[key] for s in members])
-        kernel = _compiled(program.source(False))
+        kernel = _compiled(program.source(False), bucket.parallel)
         results = dict(zip(program.results, kernel(*bucket.buffers.values(), *program.coefficients), strict=True))
         pairs = []
         for i, slot in enumerate(members):
@@ -406,7 +414,7 @@ class CompiledEngine:
         moved_grads = bucket.gather("grad", [s.grad for s in members])
         adopted = True
         with torch.no_grad():
-            _compiled(program.source(True))(*bucket.buffers.values(), *program.coefficients)
+            _compiled(program.source(True), bucket.parallel)(*bucket.buffers.values(), *program.coefficients)
             for role, indices in moved.items():
                 for i in indices:
                     target = targets[role][i]

@@ -21,6 +21,8 @@ from .._tensorlist import Graph, TensorList
 from . import _cpu
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
 CPU_CHUNK_ELEMENTS = 1 << 18
 """On CPU a batch is cut into chunks of about this many elements: foreach ops are loops over
 tensors there, so small chunks keep a formula's temporaries in cache. On accelerators a batch
@@ -49,9 +51,10 @@ def _chunks(indices: list[int], slots: Sequence[Slot]) -> Iterator[list[int]]:
 
 
 def _storage(tensor: Tensor) -> int | None:
-    local = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
+    """Where the tensor's storage begins (tensors sharing memory share storage)."""
+    local = tensor if type(tensor) in _PLAIN else getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
     try:
-        return int(local.untyped_storage().data_ptr())
+        return int(local.data_ptr() - local.storage_offset() * local.element_size())
     except (RuntimeError, NotImplementedError, AttributeError):
         return None
 
@@ -65,7 +68,8 @@ def _may_write_in_place(members: Sequence[Slot]) -> bool:
 
 def _unaliased(slots: Sequence[Slot]) -> Sequence[Slot]:
     """The slots, with a copy of each gradient that shares memory with a parameter or state."""
-    targets = {_storage(t) for s in slots for t in (s.param, *s.state.values())}
+    targets = {_storage(s.param) for s in slots}
+    targets.update(_storage(t) for s in slots for t in s.state.values())
     unknown = None in targets  # then any gradient might be a target's memory
     targets.add(None)  # and a gradient whose memory is unknown might be a target's
     shared = [i for i, s in enumerate(slots) if unknown or _storage(s.grad) in targets]
@@ -159,7 +163,7 @@ def _write_counters(stages: Sequence[Stage], members: Sequence[Slot]) -> None:
         if stage.step_key is None or t is None:
             continue
         counters = [slot.counters[stage.step_key] for slot in members]
-        if all(type(c) in (Tensor, torch.nn.Parameter) and c.device.type == "cpu" for c in counters):
+        if all(type(c) in _PLAIN and c.is_cpu for c in counters):
             torch._foreach_copy_(counters, [torch.tensor(t, dtype=torch.int64)] * len(counters))
         else:
             for counter in counters:
