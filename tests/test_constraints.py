@@ -221,3 +221,38 @@ def test_constraint_on_the_update_dictionary(rule, engine):
             twin.weight.copy_(W)  # keep the twins in sync for the next step
     if rule == "adam":
         assert int(opt.state[W]["step"]) == 3
+
+
+# --- no overflow where the norm itself is representable -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [(torch.float16, 300.0), (torch.bfloat16, 1e38), (torch.float32, 1e20), (torch.float64, 1e160)],
+)
+def test_norm_constraint_rows_whose_squares_overflow(dtype: torch.dtype, value: float) -> None:
+    # Squaring overflows the dtype although the norm (2 * value for 4 equal elements) does not;
+    # the result must be the rescaled row, as computed in float64 by NumPy, not zeros.
+    row = np.array([value, -value, value, value])
+    tensor = torch.tensor(np.stack([row, np.ones(4)]), dtype=dtype)
+    got = updates.norm_constraint(tensor, max_norm=1.0, epsilon=0.0).to(torch.float64).numpy()
+    exact = tensor.to(torch.float64).numpy()
+    norms = np.sqrt((exact**2).sum(axis=1, keepdims=True)) if dtype != torch.float64 else np.array([[2 * value], [2.0]])
+    expected = exact * (np.minimum(norms, 1.0) / norms)
+    np.testing.assert_allclose(got, expected, rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-6)
+
+
+def test_total_norm_constraint_whose_squares_overflow_float16() -> None:
+    # Three float16 tensors of 1000 each: squares of 1e6 overflow float16 (max 65504), the norm
+    # sqrt(3) * 1000 = 1732.05 does not.
+    tensors = [torch.full((1,), 1000.0, dtype=torch.float16) for _ in range(3)]
+    clipped, norm = updates.total_norm_constraint(tensors, 1.0, epsilon=0.0, return_norm=True)
+    assert float(norm) == pytest.approx(1000 * np.sqrt(3), rel=1e-3)
+    for tensor in clipped:
+        assert float(tensor) == pytest.approx(1 / np.sqrt(3), rel=1e-3)
+
+
+def test_overflow_guard_keeps_gradients_finite() -> None:
+    weight = torch.tensor([[1e-3, 2.0], [3.0, 4.0]], requires_grad=True)
+    updates.norm_constraint(weight, 1.0).sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, overload
 
 import torch
@@ -22,6 +22,27 @@ def _sum_of_squares(tensor: Tensor, dim: tuple[int, ...] | None = None) -> Tenso
     if dim is None:
         return torch.sum(square)
     return torch.sum(square, dim=dim, keepdim=True)
+
+
+def _largest_magnitude(tensor: Tensor, dim: tuple[int, ...] | None = None) -> Tensor:
+    magnitude = tensor.abs()
+    if dim is None:
+        return torch.amax(magnitude) if magnitude.numel() else magnitude.new_zeros(())
+    return torch.amax(magnitude, dim=dim, keepdim=True)
+
+
+def _without_overflow(norm: Tensor, scale: Tensor, scaled_sum_of_squares: Callable[[Tensor], Tensor]) -> Tensor:
+    """``norm`` where it is finite; where squaring overflowed (finite inputs, infinite sum),
+    ``scale * sqrt(sum((x / scale)**2))`` with ``scale`` the largest magnitude instead.
+
+    The seed's formula stands wherever nothing overflows, bit for bit. Dividing by the
+    largest magnitude first keeps every square at most 1, so a float16 row of norm 300, or
+    float32 elements near 1e20, get their true norm instead of infinity (which would turn the
+    rescaled tensor into zeros).
+    """
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    rescued = safe_scale * torch.sqrt(scaled_sum_of_squares(safe_scale))
+    return torch.where(torch.isinf(norm) & torch.isfinite(scale), rescued, norm)
 
 
 def _clip(norm: Tensor, max_norm: Scalar) -> Tensor:
@@ -117,7 +138,19 @@ def norm_constraint(
     check_hyperparameter("norm_constraint", _EPSILON, epsilon)
     axes = _norm_axes(tensor.dim(), norm_axes)
     norms = torch.sqrt(_sum_of_squares(tensor, axes))
+    norms = _without_overflow(
+        norms, _largest_magnitude(tensor, axes), lambda scale: _sum_of_squares(tensor / scale, axes)
+    )
     return tensor * (_clip(norms, max_norm) / (epsilon + norms))
+
+
+def _total(parts: Iterable[Tensor]) -> Tensor:
+    """The sum of 0-d tensors, in order."""
+    iterator = iter(parts)
+    total = next(iterator)
+    for part in iterator:
+        total = total + part
+    return total
 
 
 @overload
@@ -188,10 +221,11 @@ def total_norm_constraint(
         raise ValueError("total_norm_constraint needs at least one tensor")
     check_hyperparameter("total_norm_constraint", _MAX_NORM, max_norm)
     check_hyperparameter("total_norm_constraint", _EPSILON, epsilon)
-    total = _sum_of_squares(tensors[0])
+    norm = torch.sqrt(_total(_sum_of_squares(t) for t in tensors))
+    largest = _largest_magnitude(tensors[0])
     for tensor in tensors[1:]:
-        total = total + _sum_of_squares(tensor)
-    norm = torch.sqrt(total)
+        largest = torch.maximum(largest, _largest_magnitude(tensor))
+    norm = _without_overflow(norm, largest, lambda scale: _total(_sum_of_squares(t / scale) for t in tensors))
     multiplier = _clip(norm, max_norm) / (epsilon + norm)
     scaled = [tensor * multiplier for tensor in tensors]
     return (scaled, norm) if return_norm else scaled
