@@ -94,9 +94,10 @@ def test_every_rule_is_a_torch_optimizer(name):
         ("adagrad", {"lr": 1.0, "epsilon": 1e-6}),
         ("rmsprop", {"lr": 1.0, "rho": 0.9, "epsilon": 1e-6}),
         ("adadelta", {"lr": 1.0, "rho": 0.95, "epsilon": 1e-6}),
-        ("adam", {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}),
-        ("adamax", {"lr": 0.002, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}),
-        ("amsgrad", {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}),
+        # the Adam family also keeps torch's "betas" pair, for momentum-cycling schedulers
+        ("adam", {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8, "betas": (0.9, 0.999)}),
+        ("adamax", {"lr": 0.002, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8, "betas": (0.9, 0.999)}),
+        ("amsgrad", {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8, "betas": (0.9, 0.999)}),
     ],
 )
 def test_defaults_are_the_seeds_and_lr_is_stored_under_lr(name, expected):
@@ -455,23 +456,25 @@ def test_onecycle_cycles_momentum_of_a_momentum_optimizer(rule):
 @pytest.mark.parametrize("name", ["adam", "adamax", "amsgrad"])
 def test_onecycle_with_default_arguments_cycles_beta1(name):
     """OneCycleLR's default cycle_momentum=True cycles beta1 through torch's "betas" key,
-    as on torch.optim.Adam; the group keeps beta1/beta2 and answers "betas" as a view."""
+    as on torch.optim.Adam; each step takes the new "betas" into beta1/beta2."""
     p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     opt = getattr(updates, name)([p], 0.01)
     scheduler = lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10)
     reference = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     ref_opt = getattr(updates, name)([reference], 0.01)
+    group = opt.param_groups[0]
     for k in range(1, 4):
         opt.step([torch.ones(2, dtype=torch.float64)])
         lr_before, beta1_before = _onecycle_lr_mom(k - 1)
+        assert group["beta1"] == pytest.approx(beta1_before, rel=1e-12)
+        assert group["betas"] == (group["beta1"], group["beta2"]) == (group["beta1"], 0.999)
         ref_opt.param_groups[0].update(lr=lr_before, beta1=beta1_before)
         ref_opt.step([torch.ones(2, dtype=torch.float64)])
         scheduler.step()
         lr, beta1 = _onecycle_lr_mom(k)
-        group = opt.param_groups[0]
         assert group["lr"] == pytest.approx(lr, rel=1e-12)
-        assert group["beta1"] == pytest.approx(beta1, rel=1e-12)
-        assert group["betas"] == (group["beta1"], 0.999)
+        assert group["betas"][0] == pytest.approx(beta1, rel=1e-12)
+        assert group["betas"][1] == 0.999
     assert torch.equal(p, reference)
 
 

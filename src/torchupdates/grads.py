@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -46,6 +47,36 @@ def compute_grads(loss: Tensor, params: Sequence[Tensor], names: Sequence[str] |
     return [g for g in grads if g is not None]
 
 
+def given_grads(
+    loss_or_grads: object, count: int, accepted: str = "a scalar loss tensor or a list of gradients"
+) -> Tensor | list[Tensor | None]:
+    """What a gradient argument gives: a loss (returned as it is) or ``count`` gradients.
+
+    Parameters
+    ----------
+    loss_or_grads : object
+        A loss tensor, or a list or tuple of gradients (``None`` entries kept).
+    count : int
+        The number of parameters, which a list of gradients must match.
+    accepted : str
+        What the caller accepts, for the error message.
+
+    Raises
+    ------
+    ValueError
+        When a list has the wrong length.
+    TypeError
+        When ``loss_or_grads`` is neither a tensor nor a list or tuple.
+    """
+    if isinstance(loss_or_grads, Tensor):
+        return loss_or_grads
+    if isinstance(loss_or_grads, (list, tuple)):
+        if len(loss_or_grads) != count:
+            raise ValueError(f"got {len(loss_or_grads)} gradients for {count} parameters")
+        return list(loss_or_grads)
+    raise TypeError(f"loss_or_grads must be {accepted}, got {type(loss_or_grads).__name__}")
+
+
 def get_or_compute_grads(loss_or_grads: Tensor | Sequence[Tensor], params: Iterable[Tensor]) -> list[Tensor]:
     """Return gradients for ``params``: given as a list, or computed from a loss.
 
@@ -81,12 +112,7 @@ def get_or_compute_grads(loss_or_grads: Tensor | Sequence[Tensor], params: Itera
     params = list(params)
     for position, param in enumerate(params):
         check_leaf(position, param)
-    if isinstance(loss_or_grads, (list, tuple)):
-        if len(loss_or_grads) != len(params):
-            raise ValueError(f"got {len(loss_or_grads)} gradients for {len(params)} parameters")
-        return list(loss_or_grads)
-    if isinstance(loss_or_grads, Tensor):
-        return compute_grads(loss_or_grads, params)
-    raise TypeError(
-        f"loss_or_grads must be a scalar loss tensor or a list of gradients, got {type(loss_or_grads).__name__}"
-    )
+    given = given_grads(loss_or_grads, len(params))
+    if isinstance(given, Tensor):
+        return compute_grads(given, params)
+    return cast("list[Tensor]", given)

@@ -106,12 +106,14 @@ class Transform:
     accepts_sparse: bool = False
 
 
-def check_hyperparameter(owner: str, spec: Hyperparameter, value: Any) -> None:
+def check_hyperparameter(owner: str, spec: Hyperparameter, value: Any, *, read_tensors: bool = True) -> None:
     """Raise a clear error unless ``value`` is a valid value for ``spec``.
 
     Valid values are real Python numbers and real floating-point 0-d tensors inside the
     hyperparameter's range. A tensor is read (not copied), so its later in-place changes
-    are seen by the next step.
+    are seen by the next step. With ``read_tensors=False`` a tensor's range is not checked
+    (only its shape, dtype and ``requires_grad``): reading its value syncs with its device,
+    which a ``torch.compile`` graph cannot do.
     """
     where = f"{owner}: {spec.name}"
     if isinstance(value, Tensor):
@@ -121,7 +123,7 @@ def check_hyperparameter(owner: str, spec: Hyperparameter, value: Any) -> None:
             raise TypeError(f"{where} must be a real floating-point tensor, got dtype {value.dtype}")
         if value.requires_grad:
             raise ValueError(f"{where} must not require grad")
-        if value.device.type == "meta":
+        if value.device.type == "meta" or not read_tensors:
             return
         number = float(value)
     elif isinstance(value, Real) and not isinstance(value, bool):
