@@ -57,9 +57,11 @@ def fast_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = _cpu.run_batch
 
-    def counted(*args: Any, **kwargs: Any) -> None:
-        calls.append(len(args[1]))
-        original(*args, **kwargs)
+    def counted(*args: Any, **kwargs: Any) -> bool:
+        handled = original(*args, **kwargs)
+        if handled:
+            calls.append(len(args[1]))
+        return handled
 
     monkeypatch.setattr(_cpu, "run_batch", counted)
     return calls
@@ -347,7 +349,7 @@ def test_programs_reuse_registers() -> None:
     m2 = 0.9 * m + 0.1 * grad
     v2 = 0.999 * v + 0.001 * (grad * grad)
     new = param - 0.01 * m2 / (v2.sqrt() + 1e-8)
-    program = compile_program(graph, leaves, [True, False, True, True], [(new, 0), (m2, 2), (v2, 3)], True)
+    program = compile_program(graph, leaves, [True, False, True, True], [(new, 0), (m2, 2), (v2, 3)], "wide")
     assert program.scratch == 2
     assert program.wide
     assert not re.search(r"r\d+\.copy_\(r\d+\)", program.source), program.source  # no register copies
@@ -358,4 +360,4 @@ def test_program_refuses_outputs_into_read_only_leaves() -> None:
     graph = Graph()
     param, grad = graph.leaf([]), graph.leaf([])
     with pytest.raises(ValueError, match="not writable"):
-        compile_program(graph, [param, grad], [True, False], [(param - grad, 1)], False)
+        compile_program(graph, [param, grad], [True, False], [(param - grad, 1)], "native")

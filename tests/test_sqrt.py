@@ -126,17 +126,20 @@ def _sqrts(x: torch.Tensor) -> dict[str, torch.Tensor]:
     inplace = x.clone()
     _sqrt.sqrt_list_([inplace])
     results["sqrt_list_"] = inplace
-    results["program"] = _program_sqrt(x)
+    modes = ["native"] if not _sqrt.needs_wide_sqrt(x.dtype, x.device) else ["wide"]
+    if x.dtype == torch.float32 and _sqrt.numpy_sqrt() is not None:
+        modes.append("numpy")
+    for mode in modes:
+        results[f"program ({mode})"] = _program_sqrt(x, mode)
     return results
 
 
-def _program_sqrt(x: torch.Tensor) -> torch.Tensor:
+def _program_sqrt(x: torch.Tensor, mode: str) -> torch.Tensor:
     """The square root as the foreach engine's compiled CPU programs compute it."""
     graph = Graph()
     leaf = graph.leaf([])
     root = leaf.sqrt()
-    wide = _sqrt.needs_wide_sqrt(x.dtype, x.device)
-    program = compile_program(graph, [leaf], [True], [(root, 0)], wide)
+    program = compile_program(graph, [leaf], [True], [(root, 0)], mode)
     register = x.clone()
     scratch = [torch.empty_like(x) for _ in range(program.scratch)]
     extra = [torch.empty(x.shape, dtype=torch.float64)] if program.wide else []

@@ -19,28 +19,24 @@ the same sequence of single IEEE operations as in the reference engine.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from .._sqrt import needs_wide_sqrt
+from .._sqrt import needs_wide_sqrt, numpy_sqrt
 from .._tensorlist import Graph, Scalar, TensorList
 from ._chain import Slot, Stage, run_chain
 from ._program import Program, compile_program
+from ._workers import run_tasks
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _ALIGN = 16  # elements: chunk boundaries inside a tensor stay 64-byte aligned for float32
-
-
-def plain(slot: Slot) -> bool:
-    """Whether every tensor of the slot is a plain CPU tensor (no subclass such as DTensor)."""
-    tensors = (slot.param, slot.grad, *slot.state.values())
-    return all(type(t) in _PLAIN and t.is_cpu for t in tensors)
 
 
 def _real(tensor: Tensor) -> Tensor:
@@ -81,14 +77,6 @@ def _blocks(shape: Sequence[int], limit: int) -> Iterator[tuple[int | slice, ...
             yield (i, *rest)
 
 
-@dataclass
-class _Roles:
-    """The real views of one slot's tensors, in register order (param, grad, state...)."""
-
-    tensors: list[Tensor]
-    numel: int
-
-
 class _Buffers(threading.local):
     """Per thread: the scratch and staging buffers of each dtype, reused by every step."""
 
@@ -125,39 +113,70 @@ class _Buffers(threading.local):
 _BUFFERS = _Buffers()
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every chunk of a batch shares: the program, its scalars, the register layout."""
+
+    program: Program
+    constants: tuple[Scalar, ...]
+    dtype: torch.dtype
+    leaves: int  # registers that are leaves (parameter, gradient, state)
+    chunk: int  # elements per register buffer
+
+    def registers(self, leaves: list[Tensor], length: int) -> list[Tensor]:
+        """The leaf registers given, then this thread's scratch registers, ``length`` long."""
+        count = self.leaves + self.program.scratch
+        buffers = _BUFFERS.get(self.dtype, count, self.chunk)
+        registers = leaves + [buffer[:length] for buffer in buffers[self.leaves : count]]
+        if self.program.wide:
+            registers.append(_BUFFERS.get(torch.float64, 1, self.chunk)[0][:length])
+        return registers
+
+
 def run_batch(
-    stages: Sequence[Stage], members: Sequence[Slot], hyperparameters: Sequence[dict[str, Any]], chunk: int
-) -> None:
-    """Compute the batch's new parameters and state and write them in place (not counters)."""
+    stages: Sequence[Stage],
+    members: Sequence[Slot],
+    hyperparameters: Sequence[dict[str, Any]],
+    chunk: int,
+    threads: int = 1,
+) -> bool:
+    """Compute the batch's new parameters and state and write them in place (not counters),
+    on ``threads`` worker threads when the batch has several chunks (see :mod:`._workers`).
+
+    Returns ``False``, having done nothing, unless every tensor is a plain CPU tensor.
+    """
     first = members[0]
     dtype = first.work_dtype
     keys = list(first.state)
-    program, roles = _compile(stages, hyperparameters, first, keys)
-    if not program.outputs:
-        return
-    slots = []
+    rows = []
     for member in members:
-        tensors = [member.param, member.grad, *(member.state[k] for k in keys)]
-        if member.param.is_complex() or member.param.dim() == 0:  # its gradient and state alike
+        tensors = [member.param, member.grad, *[member.state[k] for k in keys]]
+        for tensor in tensors:
+            if type(tensor) not in _PLAIN or not tensor.is_cpu:
+                return False
+        rows.append(tensors)
+    program = _compile(stages, hyperparameters, first, keys)
+    if not program.outputs:
+        return True
+    job = _Job(program, _constants(program.constants, dtype), dtype, 2 + len(keys), chunk)
+    tasks: list[Callable[[], None]] = []
+    staged: list[list[Tensor]] = []
+    for tensors in rows:
+        param = tensors[0]
+        if param.is_complex() or param.dim() == 0:  # its gradient and state alike
             tensors = [_real(t) for t in tensors]
-        slots.append(_Roles(tensors, tensors[0].numel()))
-    constants = _constants(program.constants, dtype)
-    registers = len(roles) + program.scratch
-    buffers = _BUFFERS.get(dtype, registers, chunk)
-    scratch = buffers[len(roles) : registers]
-    wide = _BUFFERS.get(torch.float64, 1, chunk)[0] if program.wide else None
-    staged: list[tuple[_Roles, tuple[int | slice, ...] | None]] = []
-    for slot in slots:
-        if slot.numel == 0:
+        numel = tensors[0].numel()
+        if numel == 0:
             continue
-        if slot.numel * 4 >= chunk and _direct(slot.tensors, dtype):
-            _run_direct(program, constants, slot, scratch, wide, chunk)
-        elif slot.numel <= chunk:
-            staged.append((slot, None))
+        if numel * 4 >= chunk and _direct(tensors, dtype):
+            tasks += _direct_tasks(job, tensors, numel)
+        elif numel <= chunk:
+            staged.append(tensors)
         else:
-            staged += [(slot, index) for index in _blocks(slot.tensors[0].shape, chunk)]
-    if staged:
-        _run_staged(program, constants, staged, buffers[: len(roles)], scratch, wide, chunk, dtype)
+            staged += [[t[index] for t in tensors] for index in _blocks(tensors[0].shape, chunk)]
+    tasks += _staged_tasks(job, staged)
+    run_tasks(tasks, threads)
+    return True
 
 
 def _constants(values: Sequence[Scalar], dtype: torch.dtype) -> tuple[Scalar, ...]:
@@ -175,7 +194,7 @@ def _constants(values: Sequence[Scalar], dtype: torch.dtype) -> tuple[Scalar, ..
 
 def _compile(
     stages: Sequence[Stage], hyperparameters: Sequence[dict[str, Any]], first: Slot, keys: list[str]
-) -> tuple[Program, list[str]]:
+) -> Program:
     graph = Graph()
     param, grad = graph.leaf([]), graph.leaf([])
     state = {key: graph.leaf([]) for key in keys}
@@ -187,8 +206,14 @@ def _compile(
     outputs = [(cast(TensorList, proposal), 0)]
     outputs += [(cast(TensorList, value), position[key]) for key, value in new_state.items()]
     writable = [role != "grad" for role in roles]
-    wide = needs_wide_sqrt(first.work_dtype, first.param.device)
-    return compile_program(graph, [param, grad, *state.values()], writable, outputs, wide), roles
+    return compile_program(graph, [param, grad, *state.values()], writable, outputs, sqrt_mode(first.work_dtype))
+
+
+def sqrt_mode(dtype: torch.dtype) -> str:
+    """How a CPU program of this working dtype takes correctly rounded square roots."""
+    if not needs_wide_sqrt(dtype, torch.device("cpu")):
+        return "native"
+    return "numpy" if dtype == torch.float32 and numpy_sqrt() is not None else "wide"
 
 
 def _direct(tensors: Sequence[Tensor], dtype: torch.dtype) -> bool:
@@ -199,72 +224,50 @@ def _direct(tensors: Sequence[Tensor], dtype: torch.dtype) -> bool:
     return _dense(first) and all(t.dtype == dtype and t.shape == shape and t.stride() == strides for t in tensors)
 
 
-def _run_direct(
-    program: Program,
-    constants: tuple[Scalar, ...],
-    slot: _Roles,
-    scratch: list[Tensor],
-    wide: Tensor | None,
-    chunk: int,
-) -> None:
-    flats = [_flat(t) for t in slot.tensors]
-    n = slot.numel
-    pieces = -(-n // chunk)
-    size = -(-n // pieces)
-    if size % _ALIGN and size + _ALIGN - size % _ALIGN <= chunk:
+def _direct_tasks(job: _Job, tensors: list[Tensor], numel: int) -> list[Callable[[], None]]:
+    """One task per chunk of a tensor whose roles are viewed in place, in near-equal pieces."""
+    flats = [_flat(t) for t in tensors]
+    pieces = -(-numel // job.chunk)
+    size = -(-numel // pieces)
+    if size % _ALIGN and size + _ALIGN - size % _ALIGN <= job.chunk:
         size += _ALIGN - size % _ALIGN
-    run = program.run
-    for start in range(0, n, size):
-        length = min(size, n - start)
-        registers = [f[start : start + length] for f in flats] + [s[:length] for s in scratch]
-        if wide is not None:
-            registers.append(wide[:length])
-        run(*registers, *constants)
+    return [
+        functools.partial(_run_direct, job, flats, start, min(size, numel - start)) for start in range(0, numel, size)
+    ]
 
 
-def _run_staged(
-    program: Program,
-    constants: tuple[Scalar, ...],
-    pieces: Sequence[tuple[_Roles, tuple[int | slice, ...] | None]],
-    staging: list[Tensor],
-    scratch: list[Tensor],
-    wide: Tensor | None,
-    chunk: int,
-    dtype: torch.dtype,
-) -> None:
+def _run_direct(job: _Job, flats: list[Tensor], start: int, length: int) -> None:
+    registers = job.registers([flat[start : start + length] for flat in flats], length)
+    job.program.run(*registers, *job.constants)
+
+
+def _staged_tasks(job: _Job, pieces: list[list[Tensor]]) -> list[Callable[[], None]]:
+    """Tasks running groups of pieces (whole small tensors, or blocks) of at most a chunk."""
+    tasks: list[Callable[[], None]] = []
     group: list[list[Tensor]] = []
     size = 0
-    for slot, index in pieces:
-        tensors = slot.tensors if index is None else [t[index] for t in slot.tensors]
-        numel = slot.numel if index is None else tensors[0].numel()
-        if size + numel > chunk and group:
-            _run_group(program, constants, group, size, staging, scratch, wide, dtype)
+    for tensors in pieces:
+        numel = tensors[0].numel()
+        if size + numel > job.chunk and group:
+            tasks.append(functools.partial(_run_group, job, group, size))
             group, size = [], 0
         group.append(tensors)
         size += numel
     if group:
-        _run_group(program, constants, group, size, staging, scratch, wide, dtype)
+        tasks.append(functools.partial(_run_group, job, group, size))
+    return tasks
 
 
-def _run_group(
-    program: Program,
-    constants: tuple[Scalar, ...],
-    group: list[list[Tensor]],
-    size: int,
-    staging: list[Tensor],
-    scratch: list[Tensor],
-    wide: Tensor | None,
-    dtype: torch.dtype,
-) -> None:
+def _run_group(job: _Job, group: list[list[Tensor]], size: int) -> None:
+    """Copy the group's pieces into this thread's staging registers, run, copy results back."""
+    staging = _BUFFERS.get(job.dtype, job.leaves + job.program.scratch, job.chunk)[: job.leaves]
     shapes = tuple(tensors[0].shape for tensors in group)
-    views = [_BUFFERS.shaped(dtype, role, staging[role], shapes) for role in range(len(staging))]
-    for role in program.reads:
+    views = [_BUFFERS.shaped(job.dtype, role, staging[role], shapes) for role in range(job.leaves)]
+    for role in job.program.reads:
         _copy([tensors[role] for tensors in group], views[role])
-    registers = [buffer[:size] for buffer in staging] + [s[:size] for s in scratch]
-    if wide is not None:
-        registers.append(wide[:size])
-    program.run(*registers, *constants)
-    for role in program.outputs:
+    registers = job.registers([buffer[:size] for buffer in staging], size)
+    job.program.run(*registers, *job.constants)
+    for role in job.program.outputs:
         _copy(views[role], [tensors[role] for tensors in group])
 
 

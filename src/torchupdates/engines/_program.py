@@ -17,9 +17,10 @@ into a register whose value is no longer read, so a chunk allocates nothing:
 Each recorded operation stays one call of the elementwise torch function with the same
 operands in the same order (``out=`` may alias an operand exactly, which elementwise kernels
 allow), so every element is the same single IEEE operation as in the other engines. Square
-roots are correctly rounded: for float32 (and 16-bit types whose own square root is not
-verified correct) they are computed in a float64 register and rounded once
-(:mod:`torchupdates._sqrt`).
+roots are correctly rounded (:mod:`torchupdates._sqrt`), in one of three ways chosen per
+program: torch's own (``"native"``: float64, and 16-bit types verified exact), through a
+float64 register rounded once (``"wide"``), or NumPy's IEEE float32 root (``"numpy"``, which
+falls back to the float64 register for a chunk with a negative input).
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ from typing import Any
 
 import torch
 
+from .._sqrt import numpy_sqrt
 from .._tensorlist import ELEMENTWISE, Graph, Scalar, TensorList
 
-__all__ = ["Program", "compile_program"]
+__all__ = ["SQRT_MODES", "Program", "compile_program"]
+
+SQRT_MODES = ("native", "wide", "numpy")
 
 _NEVER = 1 << 62  # "read until the end": the last read of a kept value
 
@@ -44,7 +48,7 @@ class Program:
 
     Registers are ``leaves`` (in the order given to :func:`compile_program`), then
     ``scratch`` scratch registers of the working dtype, then one float64 register when
-    ``wide`` (for square roots). ``outputs`` lists the leaf positions whose registers hold a
+    ``wide`` (for square roots, as long as the others). ``outputs`` lists the leaf positions whose registers hold a
     new value at the end (the others are unchanged); ``reads`` the leaf positions read.
     """
 
@@ -62,16 +66,20 @@ def compile_program(
     leaves: Sequence[TensorList],
     writable: Sequence[bool],
     outputs: Sequence[tuple[TensorList, int]],
-    wide_sqrt: bool,
+    sqrt: str,
 ) -> Program:
     """Allocate registers for ``graph`` and generate its program.
 
     ``leaves`` are the graph's leaves in register order; ``writable[i]`` says whether leaf
     ``i``'s register may be overwritten (a target being replaced; gradients are not).
     ``outputs`` pairs each result node with the position of the leaf it replaces, which must
-    be writable. ``wide_sqrt``: square roots go through a float64 register.
+    be writable. ``sqrt``: how square roots are taken, one of :data:`SQRT_MODES`.
     """
-    return _Allocator(graph, leaves, writable, outputs, wide_sqrt).program()
+    if sqrt not in SQRT_MODES:
+        raise ValueError(f"sqrt must be one of {SQRT_MODES}, got {sqrt!r}")
+    if sqrt == "numpy" and numpy_sqrt() is None:
+        raise ValueError("NumPy's square root is not available or not exact here")
+    return _Allocator(graph, leaves, writable, outputs, sqrt).program()
 
 
 class _Allocator:
@@ -81,11 +89,11 @@ class _Allocator:
         leaves: Sequence[TensorList],
         writable: Sequence[bool],
         outputs: Sequence[tuple[TensorList, int]],
-        wide_sqrt: bool,
+        sqrt: str,
     ) -> None:
         self.nodes = graph.nodes
         self.leaves = list(leaves)
-        self.wide_sqrt = wide_sqrt
+        self.sqrt = sqrt
         self.last_read = [-1] * len(self.nodes)
         for node in self.nodes:
             for arg in node.args:
@@ -112,25 +120,36 @@ class _Allocator:
         held = self.holds[reg]
         return held is None or self.last_read[held] <= now
 
-    def _scratch(self, now: int) -> int:
+    def _scratch(self, now: int, avoid: set[int]) -> int:
         for reg in range(len(self.leaves), len(self.holds)):
-            if self._free(reg, now):
+            if reg not in avoid and self._free(reg, now):
                 return reg
         self.holds.append(None)
         return len(self.holds) - 1
 
     def _destination(self, node: TensorList) -> int:
         now = node.index
+        # NumPy's root may have to be redone from its input: never in place.
+        operand = node.args[0]
+        avoid = set()
+        if node.op == "sqrt" and self.sqrt == "numpy" and isinstance(operand, TensorList):
+            avoid.add(self.reg_of[operand.index])
         targets = [reg for reg, result in self.output_of.items() if result == now]
         for reg in targets:
-            if self._free(reg, now):
+            if reg not in avoid and self._free(reg, now):
                 return reg
         if not targets:
             # An intermediate may borrow a target's register until that target's output.
             for reg, result in self.output_of.items():
-                if result > now and self.writable[reg] and self._free(reg, now) and self.last_read[now] <= result:
+                if (
+                    result > now
+                    and reg not in avoid
+                    and self.writable[reg]
+                    and self._free(reg, now)
+                    and self.last_read[now] <= result
+                ):
                     return reg
-        return self._scratch(now)
+        return self._scratch(now, avoid)
 
     # -- code ----------------------------------------------------------------------------
 
@@ -145,10 +164,12 @@ class _Allocator:
         out = self._destination(node)
         self.reg_of[node.index] = out
         self.holds[out] = node.index
-        if node.op == "sqrt" and self.wide_sqrt:
+        if node.op == "sqrt" and self.sqrt == "wide":
             # Correctly rounded: the float64 root of a float32/16 value rounds once to the
             # nearest float32/16 (see _sqrt.py); "w" is the float64 register.
             self.lines.append(f"w.copy_({operands[0]}); sqrt(w, out=w); r{out}.copy_(w)")
+        elif node.op == "sqrt" and self.sqrt == "numpy":
+            self.lines.append(f"npsqrt({operands[0]}, r{out}, w)")
         else:
             self.lines.append(f"{node.op}({', '.join(operands)}, out=r{out})")
 
@@ -161,7 +182,7 @@ class _Allocator:
             self._emit(node)
         self._final_copies()
         scratch = len(self.holds) - len(self.leaves)
-        wide = self.wide_sqrt and any(node.op == "sqrt" for node in self.nodes)
+        wide = self.sqrt != "native" and any(node.op == "sqrt" for node in self.nodes)
         names = [f"r{i}" for i in range(len(self.holds))] + (["w"] if wide else [])
         names += [f"c{i}" for i in range(len(self.constants))]
         body = [f"    {line}" for line in self.lines] or ["    pass"]
@@ -187,7 +208,7 @@ class _Allocator:
             if source in overwritten:
                 # The source is a target that is itself overwritten below (a leaf passed
                 # through to another target): read it into scratch first.
-                spare = self._scratch(_NEVER - 1)  # kept values (read "until _NEVER") stay
+                spare = self._scratch(_NEVER - 1, set())  # kept values (read "until _NEVER") stay
                 self.holds[spare] = self.output_of[target]
                 self.lines.append(f"r{spare}.copy_(r{source})")
                 source = spare
@@ -199,6 +220,7 @@ class _Allocator:
 def _compiled(source: str) -> Callable[..., None]:
     namespace: dict[str, Any] = dict(ELEMENTWISE)
     namespace["sqrt"] = torch.sqrt
+    namespace["npsqrt"] = numpy_sqrt()
     exec(compile(source, f"<torchupdates program {hash(source) & 0xFFFFFFFF:08x}>", "exec"), namespace)
     run: Callable[..., None] = namespace["program"]
     return run

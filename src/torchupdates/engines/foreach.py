@@ -69,7 +69,8 @@ def _may_write_in_place(members: Sequence[Slot]) -> bool:
 def _unaliased(slots: Sequence[Slot]) -> Sequence[Slot]:
     """The slots, with a copy of each gradient that shares memory with a parameter or state."""
     targets = {_storage(s.param) for s in slots}
-    targets.update(_storage(t) for s in slots for t in s.state.values())
+    for s in slots:
+        targets.update(map(_storage, s.state.values()))
     unknown = None in targets  # then any gradient might be a target's memory
     targets.add(None)  # and a gradient whose memory is unknown might be a target's
     shared = [i for i, s in enumerate(slots) if unknown or _storage(s.grad) in targets]
@@ -106,14 +107,14 @@ def propose_foreach(
     for index, slot in enumerate(slots):
         batches[_batch_key(slot)].append(index)
     fast = write and not torch.compiler.is_compiling()
+    threads = torch.get_num_threads()
     if fast:
         # Chunks write as they go, so a gradient must not be the memory of any target of the
         # step: such gradients are read once, up front (what apply_updates(updates(x)) does).
         slots = _unaliased(slots)
     for batch in batches.values():
         members = [slots[i] for i in batch]
-        if fast and all(_cpu.plain(slot) for slot in members):
-            _cpu.run_batch(stages, members, hyperparameters[members[0].group], CPU_CHUNK_ELEMENTS)
+        if fast and _cpu.run_batch(stages, members, hyperparameters[members[0].group], CPU_CHUNK_ELEMENTS, threads):
             _write_counters(stages, members)
             yield [(i, []) for i in batch]
             continue
