@@ -15,6 +15,7 @@ from ._groups import BetasLink, check_group, new_group, stage_values
 from ._slots import LossOrGrads, checked_gradients, init_state, make_slot, run_closure, traced_batches
 from .apply import apply_updates
 from .engines import ENGINES, Batch, Engine, Stage
+from .engines.compiled import require_compiler
 from .transform import Transform, defaults_of
 
 __all__ = ["Optimizer", "ParamsT"]
@@ -104,6 +105,7 @@ class Optimizer(torch.optim.Optimizer):
         self._betas = BetasLink(self._stages)
         self._betas.link(defaults)
         super().__init__(params, defaults)
+        self._check_engine()
 
     def compose(self, modifier: Transform, params: Iterable[Tensor] | None = None, **hyperparameters: Any) -> Optimizer:
         """A new optimizer running this chain followed by ``modifier``.
@@ -162,10 +164,19 @@ class Optimizer(torch.optim.Optimizer):
     def _check_options(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {sorted(ENGINES)}")
+        if "param_groups" in self.__dict__ and self.__dict__.get("_checked_engine") != self.engine:
+            self._check_engine()
         if self.state_dtype is not None and not (
             isinstance(self.state_dtype, torch.dtype) and self.state_dtype.is_floating_point
         ):
             raise TypeError(f"state_dtype must be a floating-point torch.dtype, got {self.state_dtype!r}")
+
+    def _check_engine(self) -> None:
+        """Raise now, not at the first step, when the engine cannot run here (a compiled
+        engine without a compiler for the parameters' devices)."""
+        if self.engine == "compiled":
+            require_compiler({p.device.type for group in self.param_groups for p in group["params"]} or {"cpu"})
+        self._checked_engine = self.engine
 
     # --- stepping ----------------------------------------------------------------------
 
@@ -218,6 +229,8 @@ class Optimizer(torch.optim.Optimizer):
         loss, loss_or_grads = run_closure(loss_or_grads, closure)
         if isinstance(loss_or_grads, Tensor):
             loss = loss_or_grads
+        if loss_or_grads is None and self._step_again():
+            return loss
         # Batches touch disjoint tensors and every input is checked before the first, so writing
         # each as it comes (hot in cache; the engine may write some itself) is apply(updates(x)).
         for batch in self._proposals(loss_or_grads, write=True):
@@ -244,6 +257,20 @@ class Optimizer(torch.optim.Optimizer):
                 yield from self._engine_runner()(self._stages, slots, values, write)
                 return
             yield from traced_batches(self._stages, slots, values)
+
+    def _step_again(self) -> bool:
+        """An engine's steady state: step from ``.grad`` without building slots when the
+        engine can prove nothing changed since its last step. Say whether it stepped."""
+        self._check_options()
+        repeat = getattr(self._engine_runner(), "repeat", None)
+        if repeat is None or torch.compiler.is_compiling():
+            return False
+        self._betas.reconcile(self.param_groups)
+        for index, group in enumerate(self.param_groups):
+            check_group(group, index, self._stages, self.rule_name)
+        live = [[p for p in group["params"] if p.grad is not None and p.requires_grad] for group in self.param_groups]
+        with torch.no_grad():
+            return bool(repeat(self._stages, live, self.state, stage_values(self.param_groups, self._stages)))
 
     def _init_group(self, positions: tuple[int, ...]) -> None:
         """Create the missing state of the parameters at ``positions`` (flat order). Named as
