@@ -207,3 +207,31 @@ def test_cuda_float32_equals_the_eager_cuda_engines(rule: str) -> None:
         runs.append((opt, params))
     for run in runs[1:]:
         assert_same(*runs[0], *run)
+
+
+def test_steady_state_steps_skip_the_slots_and_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A loop that keeps its .grad tensors (zero_grad(set_to_none=False)) steps through the
+    # engine's repeat(): no per-parameter slots, the same numbers.
+    from torchupdates.engines.compiled import CompiledEngine
+
+    repeated = []
+    original = CompiledEngine.repeat
+
+    def spy(self: CompiledEngine, *args: object) -> bool:
+        repeated.append(original(self, *args))
+        return repeated[-1]
+
+    monkeypatch.setattr(CompiledEngine, "repeat", spy)
+    runs = []
+    for engine in ("foreach", "compiled"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = torchupdates.apply_momentum(torchupdates.amsgrad(model.parameters(), 0.01, engine=engine))
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+        for _ in range(5):
+            opt.zero_grad(set_to_none=False)
+            model(x).pow(2).mean().backward()
+            opt.step()
+        runs.append((opt, list(model.parameters())))
+    assert_same(*runs[0], *runs[1])
+    assert repeated == [False, True, True, True, True]  # the first step builds the buffers

@@ -266,11 +266,6 @@ class CompiledEngine:
         hyperparameters: Sequence[Sequence[dict[str, Any]]],
         write: bool = False,
     ) -> Iterator[Batch]:
-        if torch.compiler.is_compiling():
-            # Inside a user's torch.compile the step is traced into the user's graph: the
-            # per-tensor formulas fuse there, and buffers are not this engine's to manage.
-            yield from propose_reference(stages, slots, hyperparameters, write)
-            return
         batches: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for index, slot in enumerate(slots):
             batches[_batch_key(slot)].append(index)
