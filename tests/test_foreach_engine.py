@@ -52,6 +52,14 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(foreach_engine, "CPU_CHUNK_ELEMENTS", CHUNK)
 
 
+@pytest.fixture(params=[1, 3], ids=["inline", "3 workers"])
+def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Chunks run on the calling thread, or on three worker threads (whatever the machine)."""
+    count: int = request.param
+    monkeypatch.setattr(foreach_engine, "cpu_workers", lambda: count)
+    return count
+
+
 @pytest.fixture
 def fast_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
@@ -150,6 +158,7 @@ def _run_both(build: Build, case: str) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("chain", list(CHAINS))
+@pytest.mark.usefixtures("workers")
 def test_cpu_step_equals_reference(chain: str, case: str, fast_path_calls: list[int]) -> None:
     _run_both(CHAINS[chain], case)
     assert fast_path_calls, "the compiled CPU path did not run"
@@ -295,6 +304,82 @@ def test_gradient_is_the_parameter_itself() -> None:
 
 
 # --- threads ----------------------------------------------------------------------------------
+
+
+def _reference_and_foreach(build: Build, init: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:
+    runs = []
+    for engine in ("reference", "foreach"):
+        params = _leaves(init)
+        opt = build(params, engine)
+        for step in grads:
+            opt.step([g.clone() for g in step])
+        runs.append((opt, params))
+    _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+
+
+@pytest.mark.usefixtures("workers")
+def test_workers_mirror_flush_denormal() -> None:
+    # Flushing subnormals is a per-thread CPU mode: the workers must compute as the caller does.
+    generator = torch.Generator().manual_seed(9)
+    init = [torch.randn(5000, generator=generator) * 1e-37, torch.randn(7, generator=generator) * 1e-37]
+    grads = [[torch.randn(p.shape, generator=generator) * 1e-37 for p in init] for _ in range(3)]
+    build = CHAINS["momentum"]
+    assert torch.set_flush_denormal(True), "this CPU cannot flush denormals"
+    try:
+        _reference_and_foreach(build, init, grads)
+        flushed = _leaves(init)
+        build(flushed, "foreach").step(grads[0])
+    finally:
+        torch.set_flush_denormal(False)
+    _reference_and_foreach(build, init, grads)
+    kept = _leaves(init)
+    build(kept, "foreach").step(grads[0])
+    assert not torch.equal(flushed[0], kept[0])  # the mode mattered
+
+
+@pytest.mark.usefixtures("workers")
+def test_inference_mode() -> None:
+    init, grads, _ = _problem("direct float32")
+    with torch.inference_mode():
+        _reference_and_foreach(CHAINS["adam"], init, grads)
+
+
+def test_python_dispatch_modes_see_every_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under a dispatch mode the chunks run on the calling thread, where the mode sees them.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(foreach_engine, "cpu_workers", lambda: 3)
+    init, grads, _ = _problem("direct float32")
+    with Record():
+        _reference_and_foreach(CHAINS["momentum"], init, grads)
+    assert sum("aten.mul.out" in name for name in seen) >= 2 * len(grads) * 7  # every chunk's two products
+
+
+def test_worker_errors_reach_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(foreach_engine, "cpu_workers", lambda: 2)
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a chunk failed")
+
+    monkeypatch.setattr(_cpu, "_run_direct", broken)
+    params = [torch.nn.Parameter(torch.ones(5000)), torch.nn.Parameter(torch.ones(5000))]
+    opt = torchupdates.sgd(params, 0.1)
+    with pytest.raises(RuntimeError, match="a chunk failed"):
+        opt.step([torch.ones(5000), torch.ones(5000)])
+
+
+def test_worker_count_follows_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert foreach_engine.cpu_workers() == foreach_engine.CPU_MAX_WORKERS
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert foreach_engine.cpu_workers() == 1
 
 
 def test_two_threads_step_at_once() -> None:

@@ -76,7 +76,8 @@ def boundary_cases() -> Tensor:
     squares = torch.cat([wide * wide, (wide + ulps / 2) ** 2, (wide - ulps / 2) ** 2]).float()
     powers = 2.0 ** torch.arange(-149, 128, dtype=torch.float64)
     special = torch.tensor([0.0, -0.0, torch.inf, -torch.inf, torch.nan, -1.0, 1e-45, 1.1754942e-38, 3.4028235e38])
-    values = torch.cat([squares, powers.float(), special])
+    payloads = torch.tensor([0x7FC12345, 0x7F800001, -0x003ABCDF, -0x007FFFFF], dtype=torch.int32).view(torch.float32)
+    values = torch.cat([squares, powers.float(), special, payloads])  # NaNs with payloads, signalling too
     values = values[torch.isfinite(values) | torch.isnan(values) | torch.isinf(values)]
     up = torch.nextafter(values, torch.full_like(values, torch.inf))
     down = torch.nextafter(values, torch.full_like(values, -torch.inf))
@@ -101,7 +102,8 @@ def numpy_sqrt() -> Callable[[Tensor, Tensor, Tensor], None] | None:
     values = values[~(values < 0)]
     expected = torch.sqrt(values.double()).float()
     got = torch.empty_like(values)
-    numpy.sqrt(values.numpy(), out=got.numpy())
+    with numpy.errstate(invalid="ignore"):  # signalling NaNs
+        numpy.sqrt(values.numpy(), out=got.numpy())
     if not torch.equal(got.view(torch.int32), expected.view(torch.int32)):
         return None
     sqrt: Any = numpy.sqrt

@@ -1,10 +1,11 @@
 """The foreach engine: parameters batched into tensor lists, one kernel per operation.
 
-A step on CPU (the common case: plain tensors, no gradient sharing memory with a parameter or
-its state) runs each batch through :mod:`._cpu`: the formulas compiled once per batch into
-single-tensor calls with preallocated buffers, over cache-sized chunks. Everything else (other
-devices, whose multi-tensor kernels want whole lists; update dictionaries; tensor subclasses;
-gradients aliasing targets) records and runs tensor lists as below.
+A step on CPU (plain tensors) runs each batch through :mod:`._cpu`: the formulas recorded once
+per batch and compiled into single-tensor calls with ``out=`` over preallocated registers, run
+over cache-sized chunks on worker threads (:mod:`._workers`). Gradients that share memory with
+a parameter or its state are copied first. Everything else (other devices, whose multi-tensor
+kernels want whole lists; update dictionaries, whose values must be new tensors; tensor
+subclasses such as DTensor) records and runs tensor lists as below.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ CPU_CHUNK_ELEMENTS = 1 << 18
 """On CPU a batch is cut into chunks of about this many elements: foreach ops are loops over
 tensors there, so small chunks keep a formula's temporaries in cache. On accelerators a batch
 stays whole, for the multi-tensor kernels."""
+
+CPU_MAX_WORKERS = 8
+"""At most this many worker threads run a CPU step's chunks (one per torch thread of the
+caller, up to this cap): beyond it the Python between operations, which holds the GIL, would
+keep workers waiting, and memory bandwidth is spent anyway."""
+
+
+def cpu_workers() -> int:
+    """How many worker threads a CPU step uses: the caller's torch threads, capped."""
+    return max(1, min(torch.get_num_threads(), CPU_MAX_WORKERS))
 
 
 def _batch_key(slot: Slot) -> Hashable:
@@ -54,7 +65,7 @@ def _storage(tensor: Tensor) -> int | None:
     """Where the tensor's storage begins (tensors sharing memory share storage)."""
     local = tensor if type(tensor) in _PLAIN else getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
     try:
-        return int(local.data_ptr() - local.storage_offset() * local.element_size())
+        return int(local.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError, AttributeError):
         return None
 
@@ -68,12 +79,14 @@ def _may_write_in_place(members: Sequence[Slot]) -> bool:
 
 def _unaliased(slots: Sequence[Slot]) -> Sequence[Slot]:
     """The slots, with a copy of each gradient that shares memory with a parameter or state."""
-    targets = {_storage(s.param) for s in slots}
+    storage = _storage
+    targets = {storage(s.param) for s in slots}
     for s in slots:
-        targets.update(map(_storage, s.state.values()))
+        for t in s.state.values():
+            targets.add(storage(t))
     unknown = None in targets  # then any gradient might be a target's memory
     targets.add(None)  # and a gradient whose memory is unknown might be a target's
-    shared = [i for i, s in enumerate(slots) if unknown or _storage(s.grad) in targets]
+    shared = [i for i, s in enumerate(slots) if unknown or storage(s.grad) in targets]
     if not shared:
         return slots
     copied = list(slots)
@@ -107,7 +120,7 @@ def propose_foreach(
     for index, slot in enumerate(slots):
         batches[_batch_key(slot)].append(index)
     fast = write and not torch.compiler.is_compiling()
-    threads = torch.get_num_threads()
+    threads = cpu_workers()
     if fast:
         # Chunks write as they go, so a gradient must not be the memory of any target of the
         # step: such gradients are read once, up front (what apply_updates(updates(x)) does).
