@@ -209,9 +209,11 @@ def test_cuda_float32_equals_the_eager_cuda_engines(rule: str) -> None:
         assert_same(*runs[0], *run)
 
 
-def test_steady_state_steps_skip_the_slots_and_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A loop that keeps its .grad tensors (zero_grad(set_to_none=False)) steps through the
-    # engine's repeat(): no per-parameter slots, the same numbers.
+@pytest.mark.parametrize("set_to_none", [False, True], ids=["grads kept", "new grads"])
+def test_steady_state_steps_skip_the_slots_and_stay_exact(monkeypatch: pytest.MonkeyPatch, set_to_none: bool) -> None:
+    # A training loop steps through the engine's repeat() (no per-parameter slots) with the same
+    # numbers: in place when it keeps its .grad tensors, copying them in when backward makes
+    # new ones (torch's default zero_grad()).
     from torchupdates.engines.compiled import CompiledEngine
 
     repeated = []
@@ -229,7 +231,7 @@ def test_steady_state_steps_skip_the_slots_and_stay_exact(monkeypatch: pytest.Mo
         opt = torchupdates.apply_momentum(torchupdates.amsgrad(model.parameters(), 0.01, engine=engine))
         x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
         for _ in range(5):
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=set_to_none)
             model(x).pow(2).mean().backward()
             opt.step()
         runs.append((opt, list(model.parameters())))

@@ -208,30 +208,58 @@ class _Run:
         for key in self.counter_keys:
             self.held[key] = [slot.counters[key] for slot in members]
 
-    def unchanged(self, params: Sequence[Tensor], entries: Sequence[Mapping[str, Any]]) -> bool:
-        """Whether the same parameters, gradients, state and counters are still the bucket's
-        views (nothing replaced, no ``.data`` of a parameter or gradient reassigned) and the
-        step counters agree. ``entries`` are the parameters' state dictionaries."""
-        if not _all_are(params, self.params):
-            return False
-        grads = [p.grad for p in params]
-        if not _all_are(grads, self.grads) or _addresses(cast("list[Tensor]", grads)) != self.addresses["grad"]:
-            return False
+    def unchanged(self, params: Sequence[Tensor], entries: Sequence[Mapping[str, Any]]) -> list[int] | None:
+        """The members whose ``.grad`` must be copied in, when everything else is still the
+        bucket's views (nothing replaced, no ``.data`` of a parameter reassigned) and the step
+        counters agree; ``None`` otherwise. ``entries`` are the parameters' state dictionaries.
+
+        A new gradient tensor (torch's ``zero_grad()`` sets ``.grad`` to None, backward makes a
+        new one) is the common case and is copied here, after the checks a step makes of any
+        gradient: a plain dense tensor of the parameter's shape, dtype and device.
+        """
         if _addresses(params) != self.addresses["param"]:
-            return False
+            return None
         # State tensors are the optimizer's: replacing one (load_state_dict, an assignment) is
         # caught by identity; nothing outside reassigns their .data.
         try:
             for key, held in self.held.items():
                 if not _all_are(list(map(operator.itemgetter(key), entries)), held):
-                    return False
+                    return None
         except KeyError:  # a state entry was removed
-            return False
+            return None
         for key in self.counter_keys:
             low, high = torch.aminmax(self.bucket.counters[key])
             if low != high:
-                return False
-        return True
+                return None
+        grads = [p.grad for p in params]
+        if _all_are(grads, self.grads) and _addresses(cast("list[Tensor]", grads)) == self.addresses["grad"]:
+            return []
+        moved = [
+            i
+            for i, (grad, held, address) in enumerate(zip(grads, self.grads, self.addresses["grad"], strict=True))
+            if grad is not held or cast(Tensor, grad).data_ptr() != address
+        ]
+        for i in moved:
+            grad, param = cast(Tensor, grads[i]), params[i]
+            if not (
+                type(grad) in PLAIN_TENSORS
+                and grad.layout == torch.strided
+                and grad.dtype == param.dtype
+                and grad.shape == param.shape
+                and grad.device == param.device
+            ):
+                return None  # the ordinary step checks it and says what is wrong
+        return moved
+
+    def copy_grads(self, moved: Sequence[int]) -> None:
+        """Copy the new gradients of ``moved`` members in, and make ``.grad`` the views."""
+        views = [self.bucket.view("grad", i) for i in moved]
+        grads = [cast(Tensor, self.params[i].grad) for i in moved]
+        torch._foreach_copy_(views, grads)
+        for i, view, grad in zip(moved, views, grads, strict=True):
+            if view.stride() == grad.stride():
+                self.params[i].grad = view
+                self.grads[i] = view
 
     def steps(self, stages: Sequence[Stage]) -> tuple[int | None, ...]:
         """The step numbers of this step, one past the counters'."""
@@ -318,7 +346,7 @@ class CompiledEngine:
         keys, entries = list(state), list(state.values())
         seen = self._state_seen
         trusted = seen is not None and seen[0] is state and _all_are(keys, seen[1]) and _all_are(entries, seen[2])
-        looked_up = []
+        looked_up, copies = [], []
         for run in runs:
             group_params = params[run.first.group]
             start = next(i for i, p in enumerate(group_params) if p is run.params[0])
@@ -327,14 +355,18 @@ class CompiledEngine:
                 run_entries = run.entries if trusted else list(map(state.__getitem__, live))
             except KeyError:
                 return False
-            if not run.unchanged(live, run_entries):
+            moved = run.unchanged(live, run_entries)
+            if moved is None:
                 return False
             looked_up.append(run_entries)
+            copies.append(moved)
         for run, run_entries in zip(runs, looked_up, strict=True):
             run.entries = run_entries
         self._state_seen = (state, keys, entries)
         with torch.no_grad():
-            for run in runs:
+            for run, moved in zip(runs, copies, strict=True):
+                if moved:
+                    run.copy_grads(moved)
                 steps = run.steps(stages)
                 first = replace(run.first, steps=steps)
                 program = self._record(stages, hyperparameters[first.group], first, run.bucket)
