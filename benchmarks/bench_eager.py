@@ -4,7 +4,8 @@ Workload (default): float32, 13.4M parameters in 200 tensors (12 of 1024x1024 an
 gradients fixed. Every implementation gets its own copy of the parameters and gradients; their
 steps are interleaved (one step of each in turn) so that the machine's drift hits all of them
 alike, and each one's median step time over ``--repeat`` rounds is reported, after
-``--warmup`` rounds. Ratios compare medians of the same run. Example::
+``--warmup`` rounds. Ratios compare medians of the same run; the last column compares the
+fastest steps instead (less sensitive to other processes on a shared machine). Example::
 
     python benchmarks/bench_eager.py --repeat 20 --rules adam,momentum
     python benchmarks/bench_eager.py --profile adam     # torch.profiler table of our step
@@ -13,6 +14,7 @@ alike, and each one's median step time over ``--repeat`` rounds is reported, aft
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -79,7 +81,8 @@ def implementations(rule: str, engines: list[str], params: list[torch.Tensor]) -
     return built
 
 
-def interleaved_medians(optimizers: dict[str, torch.optim.Optimizer], warmup: int, repeat: int) -> dict[str, float]:
+def interleaved_times(optimizers: dict[str, torch.optim.Optimizer], warmup: int, repeat: int) -> dict[str, list[float]]:
+    """Seconds per step of each optimizer, one step of each in turn per round."""
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for round_ in range(warmup + repeat):
         for name, optimizer in optimizers.items():
@@ -88,7 +91,7 @@ def interleaved_medians(optimizers: dict[str, torch.optim.Optimizer], warmup: in
             elapsed = time.perf_counter() - start
             if round_ >= warmup:
                 times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def profile(rule: str, engine: str, params: list[torch.Tensor], steps: int) -> None:
@@ -124,18 +127,24 @@ def main() -> None:
         return
     print(
         f"{numel / 1e6:.1f}M float32 elements in {len(params)} tensors, torch {torch.__version__}, "
-        f"{args.threads} threads; median ms per step over {args.repeat} interleaved rounds"
+        f"{args.threads} threads; median ms per step over {args.repeat} interleaved rounds; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     columns = [*engines, "torch foreach", "torch fused"]
     header = ["rule", *(f"{c} ms" for c in columns)]
     header += [f"{e} / torch foreach" for e in engines] + [f"{e} / torch fused" for e in engines]
-    print("  ".join(header), flush=True)
+    header += [f"(best-of: {e} / torch foreach)" for e in engines]
+    widths = [max(len(h), 17) if i == 0 else len(h) for i, h in enumerate(header)]
+    print("  ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)), flush=True)
     for rule in args.rules.split(","):
-        medians = interleaved_medians(implementations(rule, engines, params), args.warmup, args.repeat)
+        times = interleaved_times(implementations(rule, engines, params), args.warmup, args.repeat)
+        medians = {name: statistics.median(values) for name, values in times.items()}
         row = [rule] + [f"{medians[c] * 1e3:.1f}" if c in medians else "-" for c in columns]
         for base in ("torch foreach", "torch fused"):
             row += [f"{medians[base] / medians[e]:.2f}x" if base in medians else "-" for e in engines]
-        print("  ".join(f"{cell:>{len(h)}}" for cell, h in zip(row, header, strict=True)), flush=True)
+        row += [f"{min(times['torch foreach']) / min(times[e]):.2f}x" for e in engines]
+        print("  ".join(f"{cell:>{w}}" for cell, w in zip(row, widths, strict=True)), flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.2f} (the machine's other work shows in the times)")
 
 
 if __name__ == "__main__":

@@ -198,8 +198,13 @@ def test_native_sqrt_is_trusted_only_where_checked() -> None:
 def test_every_float32_root_is_correctly_rounded() -> None:
     out = torch.empty(1 << 24)
     wide = torch.empty(1 << 24, dtype=torch.float64)
+    by_numpy = _sqrt.numpy_sqrt()
     for block in range(1 << 8):
         bits = np.arange(block << 24, (block + 1) << 24, dtype=np.uint64).astype(np.uint32)
         x = torch.from_numpy(bits.view(np.float32))
-        _sqrt.sqrt_into(x, out, wide)
+        _sqrt.sqrt_into(x, out, wide)  # the float64 route
         _assert_correctly_rounded(x, out)
+        if by_numpy is not None:
+            reference = out.clone()
+            by_numpy(x, out, wide)
+            assert torch.equal(out.view(torch.int32), reference.view(torch.int32)), f"block {block}"
