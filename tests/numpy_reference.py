@@ -1,4 +1,4 @@
-"""An independent float64 NumPy transcription of DESIGN.md section 2 ("The math").
+"""An independent float64 NumPy transcription of docs/design.md, section 3 ("The math").
 
 Written from the formulas, not from ``src/``: the tests compare the library against this.
 Every expression keeps the operation order of the formulas, so that a correct

@@ -1,5 +1,5 @@
-"""norm_constraint and total_norm_constraint against a float64 NumPy transcription of DESIGN.md
-section 2, with PyTorch's default axes (every axis but 0; see "Intent over letter")."""
+"""norm_constraint and total_norm_constraint against a float64 NumPy transcription of docs/design.md,
+section 3 "The math", with PyTorch's default axes (every axis but 0; see that section's "Constraints")."""
 
 from __future__ import annotations
 

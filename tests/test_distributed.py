@@ -1,7 +1,7 @@
 """Two processes on 127.0.0.1 with the gloo backend: DDP and FSDP2 follow the single-process run.
 
 Every rank sees the same batches, so the averaged gradient equals the single-process one and
-the trajectories must agree bit for bit (DESIGN.md section 5).
+the trajectories must agree bit for bit (docs/design.md, section 7 "Exactness", "Distributed").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bad inputs get a clear ValueError/TypeError naming the problem (DESIGN.md section 1, "Errors"),
+"""Bad inputs get a clear ValueError/TypeError naming the problem (docs/design.md, section 2, "Errors"),
 and a failed step writes nothing: every parameter and state tensor stays bitwise as it was."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every rule and modifier against the independent NumPy transcription of DESIGN.md section 2.
+"""Every rule and modifier against the independent NumPy transcription of docs/design.md, section 3 "The math".
 
 Tolerances (measured, not hoped for)
 ------------------------------------
@@ -264,7 +264,8 @@ def test_rule_matches_reference(rule: str, custom: bool, engine: str) -> None:
 
 
 def test_reference_defaults_are_the_seeds() -> None:
-    # The table of DESIGN.md section 1, so that the "default" runs above test the library's defaults.
+    # The rules table of docs/design.md, section 2 "The public contract", so that the "default" runs above test
+    # the library's defaults.
     adam_like = {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}
     assert DEFAULTS["adagrad"] == {"learning_rate": 1.0, "epsilon": 1e-6}
     assert DEFAULTS["rmsprop"] == {"learning_rate": 1.0, "rho": 0.9, "epsilon": 1e-6}

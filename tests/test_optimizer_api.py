@@ -1,8 +1,8 @@
-"""The torch.optim side of the contract (DESIGN.md section 1): stepping, groups, checkpoints,
+"""The torch.optim side of the contract (docs/design.md, section 2): stepping, groups, checkpoints,
 schedulers, tensor hyperparameters, hooks, dtypes, complex and sparse parameters.
 
 Reference values come from hand calculations in float64 written here, from the formulas of
-DESIGN.md section 2, or from a second run of the optimizer that must agree bit for bit.
+docs/design.md, section 3 "The math", or from a second run of the optimizer that must agree bit for bit.
 """
 
 from __future__ import annotations
@@ -446,7 +446,7 @@ def test_onecycle_cycles_momentum_of_a_momentum_optimizer(rule):
         assert opt.param_groups[0]["lr"] == pytest.approx(lr, rel=1e-12)
         assert opt.param_groups[0]["momentum"] == pytest.approx(mom, rel=1e-12)
         opt.step([torch.full((2,), G, dtype=torch.float64)])
-        # DESIGN.md section 2: v <- mom*v - lr*g; p <- p + v (heavy ball) or p + mom*v - lr*g (Nesterov)
+        # docs/design.md, section 3: v <- mom*v - lr*g; p <- p + v (heavy ball) or p + mom*v - lr*g (Nesterov)
         velocity = mom * velocity - lr * G
         value = value + velocity if rule == "momentum" else value + mom * velocity - lr * G
         scheduler.step()

@@ -245,7 +245,7 @@ def test_norm_constraint_rejects_unsupported_dimensionality(ndim):
 @SETTINGS
 @given(st.integers(0, 2**16), st.sampled_from(["momentum", "adam", "adadelta"]))
 def test_numpy_sgd_family_agreement_float64(seed, rule):
-    """A short float64 NumPy transcription of DESIGN.md section 2 for three rules."""
+    """A short float64 NumPy transcription of docs/design.md, section 3 "The math", for three rules."""
     gen = torch.Generator().manual_seed(seed)
     p = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()
     grads = [torch.randn(5, generator=gen, dtype=torch.float64) for _ in range(3)]
