@@ -11,7 +11,7 @@ import torchupdates
 
 project = "torchupdates"
 author = "torchupdates contributors"
-copyright = "torchupdates contributors, MIT License"  # noqa: A001 (Sphinx's name)
+copyright = "torchupdates contributors, MIT License"
 version = release = torchupdates.__version__
 
 extensions = [
