@@ -101,14 +101,14 @@ def _child(spec_json: str) -> None:
 
 
 def _first_steps(spec: Mapping[str, Any], cache_dir: str, timeout: float) -> dict[str, float]:
-    source_root = str(Path(__file__).resolve().parents[1])
+    source_root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
     env = dict(
         os.environ,
         TORCHINDUCTOR_CACHE_DIR=cache_dir,
         PYTHONPATH=source_root if not path else os.pathsep.join((source_root, path)),
     )
-    code = "import sys; from torchupdates._bench_probes import _child; _child(sys.argv[1])"
+    code = "import sys; from torchupdates.cli._bench_probes import _child; _child(sys.argv[1])"
     try:
         done = subprocess.run(
             [sys.executable, "-c", code, json.dumps(spec)],

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 import torchupdates as updates
-from torchupdates._datasets import DataError, load_dataset
-from torchupdates._rulespec import DEFAULT_LEARNING_RATES, RULE_NAMES, parse_rule, parse_rules
-from torchupdates._training import build_mlp, training_step
 from torchupdates.cli import COMMANDS, build_parser, main
+from torchupdates.cli._datasets import DataError, load_dataset
+from torchupdates.cli._rulespec import DEFAULT_LEARNING_RATES, RULE_NAMES, parse_rule, parse_rules
+from torchupdates.cli._training import build_mlp, training_step
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIMINGS = {"seconds", "steps_per_s"}
@@ -215,7 +215,7 @@ def test_compare_help_documents_rule_syntax_and_defaults(capsys: pytest.CaptureF
 
 
 def test_commands_slot_in_beside_compare() -> None:
-    from torchupdates._command import Command
+    from torchupdates.cli._command import Command
 
     calls: list[str] = []
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..engines import ENGINES
 from ._command import (
     Command,
     CommandError,
@@ -36,7 +37,6 @@ from ._datasets import DataError, Dataset, load_dataset
 from ._report import best_result, format_table, results_document, save_plot, write_json
 from ._rulespec import DEFAULT_LEARNING_RATES, RULE_NAMES, SYNTAX_HELP, RuleSpec, parse_rules
 from ._training import RunResult, TrainConfig, build_mlp, train_rule
-from .engines import ENGINES
 
 __all__ = ["COMMAND", "DEFAULT_OUT", "run_compare"]
 

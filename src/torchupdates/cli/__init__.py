@@ -1,7 +1,16 @@
-"""The ``torchupdates`` command line (also ``python -m torchupdates``).
+"""The ``torchupdates`` command line (also ``python -m torchupdates``) and the demo behind it.
 
-Each command is a :class:`~torchupdates._command.Command` defined in its own module;
-adding one (e.g. a step benchmark) means adding it to :data:`COMMANDS`.
+A layer on top of the library: ``import torchupdates`` never imports this package, and the
+library never depends on it. Each command is a :class:`~torchupdates.cli._command.Command`
+defined in its own module; adding one means adding it to :data:`COMMANDS`.
+
+- ``compare`` (:mod:`.compare`): train the same MLP with every rule, with ``_datasets``
+  (digits, MNIST-style files), ``_training`` (model, loop), ``_report`` (table, JSON, plot)
+  and ``_rulespec`` (``nesterov(rmsprop):0.01``-style rule specifications).
+- ``bench`` (:mod:`.bench`): time one step of every rule beside torch.optim, with
+  ``_bench_cases`` (what is timed), ``_bench_probes`` (memory ceiling, scaling, compile
+  times) and ``_bench_report`` (tables and JSON).
+- ``_command``: what a command is, and option types shared by the commands.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from .. import __version__
 from ._command import Command, CommandError, MissingDependencyError
 from .bench import COMMAND as BENCH
 from .compare import COMMAND as COMPARE

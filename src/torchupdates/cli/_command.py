@@ -1,7 +1,7 @@
 """What a command-line command is: a name, its options and a function that runs it.
 
 :mod:`torchupdates.cli` lists the commands; each lives in its own module (``compare`` in
-:mod:`torchupdates.compare`) and describes itself with a :class:`Command`, so a new
+:mod:`torchupdates.cli.compare`) and describes itself with a :class:`Command`, so a new
 command (a step benchmark, say) is one module plus one line in the list.
 """
 

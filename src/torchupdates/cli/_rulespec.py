@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from . import modifiers, rules
-from .optimizer import Optimizer
+from .. import modifiers, rules
+from ..optimizer import Optimizer
 
 __all__ = ["DEFAULT_LEARNING_RATES", "RULE_NAMES", "RuleSpec", "parse_rule", "parse_rules"]
 

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..apply import apply_updates
+from ..constraints import norm_constraint, total_norm_constraint
+from ..grads import get_or_compute_grads
+from ..optimizer import Optimizer
 from ._datasets import Dataset
 from ._rulespec import RuleSpec
-from .apply import apply_updates
-from .constraints import norm_constraint, total_norm_constraint
-from .grads import get_or_compute_grads
-from .optimizer import Optimizer
 
 __all__ = ["RunResult", "TrainConfig", "build_mlp", "evaluate", "train_rule", "training_step"]
 

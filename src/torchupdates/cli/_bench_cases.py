@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import modifiers, rules
+from .. import modifiers, rules
+from ..optimizer import Optimizer
 from ._command import CommandError
-from .optimizer import Optimizer
 
 __all__ = [
     "CASES",

@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
+from ..engines import ENGINES
+from ..engines.compiled import CompilerMissingError, require_compiler
 from ._bench_cases import CASES, ISSUE_SHAPES, Case, Workload, interleaved_medians, make_params, resolve_device
 from ._bench_probes import CEILING_MOVED, COMPILED_CEILING, EAGER_CEILING, ceiling_stepper, compile_times, run_scaling
 from ._bench_report import TORCH_COLUMNS, BenchReport, BenchResult, Ceiling, format_report, report_document
 from ._command import Command, CommandError, positive_float, positive_int, torch_threads
 from ._report import write_json
-from .engines import ENGINES
-from .engines.compiled import CompilerMissingError, require_compiler
 
 __all__ = ["CASES", "COMMAND", "BenchReport", "BenchResult", "Ceiling", "format_report", "run_bench"]
 

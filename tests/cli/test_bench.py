@@ -14,12 +14,11 @@ import pytest
 import torch
 
 from compiler import needs_compiler
-from torchupdates import _bench_probes
-from torchupdates._bench_cases import CASES, Workload, interleaved_medians
-from torchupdates._bench_probes import EAGER_CEILING, ScalingPair
-from torchupdates._command import torch_threads
-from torchupdates.bench import _busy_note, run_bench
-from torchupdates.cli import main
+from torchupdates.cli import _bench_probes, main
+from torchupdates.cli._bench_cases import CASES, Workload, interleaved_medians
+from torchupdates.cli._bench_probes import EAGER_CEILING, ScalingPair
+from torchupdates.cli._command import torch_threads
+from torchupdates.cli.bench import _busy_note, run_bench
 
 TINY = ["--numel", "2000", "--tensors", "4", "--repeat", "1"]
 QUICK = [*TINY, "--no-compile-times", "--no-scaling"]
