@@ -19,6 +19,7 @@ from torchupdates.cli._bench_cases import CASES, Workload, interleaved_medians
 from torchupdates.cli._bench_probes import EAGER_CEILING, ScalingPair
 from torchupdates.cli._command import torch_threads
 from torchupdates.cli.bench import _busy_note, run_bench
+from torchupdates.registry import RULE_NAMES
 
 TINY = ["--numel", "2000", "--tensors", "4", "--repeat", "1"]
 QUICK = [*TINY, "--no-compile-times", "--no-scaling"]
@@ -191,8 +192,12 @@ def test_a_busy_machine_gets_a_note() -> None:
 
 
 def test_every_rule_and_composition_has_a_case() -> None:
-    rules = {"sgd", "momentum", "nesterov_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "amsgrad"}
-    assert set(CASES) == rules | set(COMPOSITIONS)
+    assert list(CASES) == [*RULE_NAMES, *COMPOSITIONS]
+    # bytes moved per element / element size: read p, g and each state; write p and each state
+    moved = {"sgd": 3, "momentum": 5, "nesterov_momentum": 5, "adagrad": 5, "rmsprop": 5, "adadelta": 7, "adam": 7}
+    moved |= {"adamax": 7, "amsgrad": 9, "apply_momentum(adam)": 9, "apply_nesterov_momentum(rmsprop)": 7}
+    assert {name: case.moved for name, case in CASES.items()} == moved
+    assert [name for name, case in CASES.items() if case.torch_optim is None] == list(COMPOSITIONS)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import torchupdates as updates
+from torchupdates import registry
 from torchupdates.cli import COMMANDS, build_parser, main
 from torchupdates.cli._datasets import DataError, load_dataset
 from torchupdates.cli._rulespec import DEFAULT_LEARNING_RATES, RULE_NAMES, parse_rule, parse_rules
@@ -241,6 +242,12 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 
 # --- rule specifications ---------------------------------------------------------------------
+
+
+def test_the_rule_table_is_the_registry_with_a_tuned_learning_rate_each() -> None:
+    assert RULE_NAMES == registry.RULE_NAMES
+    assert set(DEFAULT_LEARNING_RATES) == set(RULE_NAMES)
+    assert all(rate > 0 for rate in DEFAULT_LEARNING_RATES.values())
 
 
 def test_rule_specs_parse_names_wrappers_and_learning_rates() -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import modifiers, rules
 from ..optimizer import Optimizer
+from ..registry import MODIFIERS, RULES, Entry
 from ._command import CommandError
 
 __all__ = [
@@ -60,56 +60,63 @@ class Case:
         return variants
 
 
-_RULES: tuple[Case, ...] = (
-    Case("sgd", 3, lambda p, e: rules.sgd(p, 0.01, engine=e), lambda p, **k: torch.optim.SGD(p, 0.01, **k), True),
-    Case(
-        "momentum",
-        5,
-        lambda p, e: rules.momentum(p, 0.01, engine=e),
-        lambda p, **k: torch.optim.SGD(p, 0.01, momentum=0.9, **k),
+_LEARNING_RATE = 0.01
+"""The learning rate of the rules whose default is none or 1 (torch.optim's the same)."""
+
+_TORCH: dict[str, tuple[TorchFactory, bool]] = {
+    "sgd": (lambda p, **k: torch.optim.SGD(p, _LEARNING_RATE, **k), True),
+    "momentum": (lambda p, **k: torch.optim.SGD(p, _LEARNING_RATE, momentum=0.9, **k), True),
+    "nesterov_momentum": (
+        lambda p, **k: torch.optim.SGD(p, _LEARNING_RATE, momentum=0.9, nesterov=True, **k),
         True,
     ),
-    Case(
-        "nesterov_momentum",
-        5,
-        lambda p, e: rules.nesterov_momentum(p, 0.01, engine=e),
-        lambda p, **k: torch.optim.SGD(p, 0.01, momentum=0.9, nesterov=True, **k),
-        True,
-    ),
-    Case(
-        "adagrad",
-        5,
-        lambda p, e: rules.adagrad(p, 0.01, engine=e),
-        lambda p, **k: torch.optim.Adagrad(p, 0.01, **k),
-        True,
-    ),
-    Case(
-        "rmsprop",
-        5,
-        lambda p, e: rules.rmsprop(p, 0.01, engine=e),
-        lambda p, **k: torch.optim.RMSprop(p, 0.01, **k),
-        False,
-    ),
-    Case("adadelta", 7, lambda p, e: rules.adadelta(p, engine=e), lambda p, **k: torch.optim.Adadelta(p, **k), False),
-    Case("adam", 7, lambda p, e: rules.adam(p, engine=e), lambda p, **k: torch.optim.Adam(p, **k), True),
-    Case("adamax", 7, lambda p, e: rules.adamax(p, engine=e), lambda p, **k: torch.optim.Adamax(p, **k), False),
-    Case(
-        "amsgrad",
-        9,
-        lambda p, e: rules.amsgrad(p, engine=e),
-        lambda p, **k: torch.optim.Adam(p, amsgrad=True, **k),
-        True,
-    ),
-)
+    "adagrad": (lambda p, **k: torch.optim.Adagrad(p, _LEARNING_RATE, **k), True),
+    "rmsprop": (lambda p, **k: torch.optim.RMSprop(p, _LEARNING_RATE, **k), False),
+    "adadelta": (lambda p, **k: torch.optim.Adadelta(p, **k), False),
+    "adam": (lambda p, **k: torch.optim.Adam(p, **k), True),
+    "adamax": (lambda p, **k: torch.optim.Adamax(p, **k), False),
+    "amsgrad": (lambda p, **k: torch.optim.Adam(p, amsgrad=True, **k), True),
+}
+"""torch.optim's equivalent of each rule of the registry, and whether it has ``fused=True``."""
+
+_OWN_LEARNING_RATE = ("sgd", "momentum", "nesterov_momentum", "adagrad", "rmsprop")
+"""Rules stepped with :data:`_LEARNING_RATE`; the others with their defaults, as torch's."""
+
+
+def _moved(entry: Entry) -> int:
+    """Reads and writes per element: parameter read and written, gradient read, each state both."""
+    return 3 + 2 * len(entry.state)
+
+
+def _builder(name: str, *modifiers: str) -> Callable[[list[torch.Tensor], str], Optimizer]:
+    factory = RULES[name].factory
+    keywords = {"learning_rate": _LEARNING_RATE} if name in _OWN_LEARNING_RATE else {}
+
+    def build(params: list[torch.Tensor], engine: str) -> Optimizer:
+        optimizer = factory(params, engine=engine, **keywords)
+        for modifier in modifiers:
+            optimizer = MODIFIERS[modifier].factory(optimizer)
+        return optimizer
+
+    return build
+
+
+def _rule_case(entry: Entry) -> Case:
+    torch_optim, fused = _TORCH[entry.name]
+    return Case(entry.name, _moved(entry), _builder(entry.name), torch_optim, fused)
+
+
+def _composition(modifier: str, name: str) -> Case:
+    entry = RULES[name]
+    moved = _moved(entry) + 2 * len(MODIFIERS[modifier].state)  # the velocity, read and written once
+    return Case(f"{modifier}({name})", moved, _builder(name, modifier))
+
+
+_RULES: tuple[Case, ...] = tuple(_rule_case(entry) for entry in RULES.values())
 
 COMPOSITIONS: tuple[Case, ...] = (
-    # The rule's traffic plus the velocity, read and written once: adam 7 + 2, rmsprop 5 + 2.
-    Case("apply_momentum(adam)", 9, lambda p, e: modifiers.apply_momentum(rules.adam(p, engine=e))),
-    Case(
-        "apply_nesterov_momentum(rmsprop)",
-        7,
-        lambda p, e: modifiers.apply_nesterov_momentum(rules.rmsprop(p, 0.01, engine=e)),
-    ),
+    _composition("apply_momentum", "adam"),
+    _composition("apply_nesterov_momentum", "rmsprop"),
 )
 """Rules with a momentum modifier on top: no torch.optim equivalent, compared by GB/s."""
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .. import modifiers, rules
 from ..optimizer import Optimizer
+from ..registry import MODIFIERS, RULES
 
 __all__ = ["DEFAULT_LEARNING_RATES", "RULE_NAMES", "RuleSpec", "parse_rule", "parse_rules"]
 
@@ -43,10 +43,8 @@ own learning rate, hence the factor for wrappers; ``momentum`` and ``nesterov_mo
 (sgd with momentum) have their own tuned values.
 """
 
-RULE_NAMES: tuple[str, ...] = tuple(DEFAULT_LEARNING_RATES)
-"""The public update rules, in the order ``compare`` runs them by default."""
-
-_RULES: dict[str, Callable[..., Optimizer]] = {name: getattr(rules, name) for name in RULE_NAMES}
+RULE_NAMES: tuple[str, ...] = tuple(RULES)
+"""The public update rules (:data:`torchupdates.registry.RULES`), in the order ``compare`` runs them by default."""
 
 _WRAPPERS: dict[str, str] = {
     "momentum": "momentum",
@@ -57,9 +55,9 @@ _WRAPPERS: dict[str, str] = {
 }
 """Spellings of the modifiers accepted around a rule, to their canonical names."""
 
-_APPLY: dict[str, Callable[[Optimizer], Optimizer]] = {
-    "momentum": modifiers.apply_momentum,
-    "nesterov": modifiers.apply_nesterov_momentum,
+_APPLY: dict[str, Callable[..., Optimizer]] = {
+    "momentum": MODIFIERS["apply_momentum"].factory,
+    "nesterov": MODIFIERS["apply_nesterov_momentum"].factory,
 }
 
 _MOMENTUM_SCALE = 0.1
@@ -125,7 +123,7 @@ class RuleSpec:
         Optimizer
             The rule with its wrappers applied, innermost first.
         """
-        optimizer = _RULES[self.rule](params, learning_rate=self.learning_rate, engine=engine)
+        optimizer = RULES[self.rule].factory(params, learning_rate=self.learning_rate, engine=engine)
         for wrapper in self.wrappers:
             optimizer = _APPLY[wrapper](optimizer)
         return optimizer
@@ -187,7 +185,7 @@ def parse_rule(text: str) -> RuleSpec:
         outer_first.append(_WRAPPERS[wrapper])
     if "(" in expression or ")" in expression:
         raise ValueError(f"cannot parse rule {text.strip()!r}: write RULE, momentum(RULE) or nesterov(RULE)")
-    if expression not in _RULES:
+    if expression not in RULES:
         error = _unknown("rule", expression, RULE_NAMES)
         raise ValueError(f"{error}; wrap one as momentum(RULE) or nesterov(RULE)")
     wrappers = tuple(reversed(outer_first))
