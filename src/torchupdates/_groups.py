@@ -11,7 +11,8 @@ that changed since then wins, and both sides changing to different values is an 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -19,12 +20,37 @@ from torch import Tensor
 from ._chain_keys import ALIASES
 from .engines import Stage
 from .grads import check_leaf, describe
-from .transform import check_hyperparameter
+from .transform import check_hyperparameter, check_hyperparameter_device
 
-__all__ = ["BETAS", "BetasLink", "betas_keys", "check_group", "new_group", "stage_values"]
+__all__ = [
+    "BETAS",
+    "MODIFIER_KEY",
+    "SCHEDULER_KEYS",
+    "BetasLink",
+    "betas_keys",
+    "check_group",
+    "check_param",
+    "check_params",
+    "new_group",
+    "stage_values",
+    "unknown_keys",
+    "unknown_keys_error",
+]
 
 BETAS = "betas"
 """torch's key for the pair ``(beta1, beta2)``."""
+
+SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"})
+"""Keys torch's schedulers (``torch.optim.lr_scheduler``, ``swa_utils.SWALR``) keep in param
+groups: allowed in a group given to an optimizer (one resumed for a scheduler has
+``"initial_lr"``) and in a loaded state dict."""
+
+_TORCH_KEYS = frozenset({"params", "param_names", *SCHEDULER_KEYS})
+
+MODIFIER_KEY = re.compile(r"momentum(_\d+)?")
+"""Group keys of the modifiers' hyperparameter (``apply_momentum``'s ``"momentum"``, and
+``"momentum_2"``, ... when stacked): a group given to a rule may hold one for the modifier
+composed next (``momentum()`` builds ``sgd``, then composes ``apply_momentum``)."""
 
 Pair = tuple[Any, Any]
 
@@ -38,33 +64,51 @@ def betas_keys(stages: Sequence[Stage]) -> tuple[str, str] | None:
 
 
 def new_group(
-    param_group: Mapping[str, Any], defaults: Mapping[str, Any], offset: int, betas: tuple[str, str] | None
+    param_group: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    offset: int,
+    betas: tuple[str, str] | None,
+    *,
+    index: int = 0,
+    owner: str = "this optimizer",
+    taken: Mapping[int, int] | None = None,
 ) -> dict[str, Any]:
     """A new param group: a checked copy of ``param_group`` completed from ``defaults``.
 
     Parameters
     ----------
     param_group : dict
-        ``"params"`` (a tensor or an ordered collection of tensors) and overrides.
+        ``"params"`` (a tensor or an ordered collection of tensors, or of ``(name, tensor)``
+        pairs as ``named_parameters()`` gives them) and overrides.
     defaults : dict
         The optimizer's defaults, for every key not given.
     offset : int
         The flat position of the group's first parameter (for error messages).
     betas : pair of str or None
         The group keys of ``beta1`` and ``beta2`` (see :func:`betas_keys`).
+    index : int
+        The group's index, for error messages.
+    owner : str
+        The chain's name, for error messages.
+    taken : mapping of int to int, optional
+        ``id(tensor) -> flat position`` of the parameters already in other groups.
 
     Returns
     -------
     dict
         ``"learning_rate"`` is stored as ``"lr"``. With ``betas``, a ``"betas"`` given
-        sets ``beta1`` and ``beta2``, and ``"betas"`` is always their pair.
+        sets ``beta1`` and ``beta2``, and ``"betas"`` is always their pair. Named
+        parameters are split as torch 2.13 does: tensors in ``"params"``, names in
+        ``"param_names"``. Keys the chain does not have are kept: the caller decides
+        (see :func:`unknown_keys`).
 
     Raises
     ------
     TypeError, ValueError
-        For parameters that are not leaf floating-point tensors, or given in a set; for a
-        key given under both its names; for ``"betas"`` that is no pair or contradicts a
-        ``beta1``/``beta2`` given beside it.
+        For parameters that are not leaf floating-point tensors, given in a set, or listed
+        twice (here or in ``taken``); for some parameters named and others not; for a key
+        given under both its names; for ``"betas"`` that is no pair
+        or contradicts a ``beta1``/``beta2`` given beside it.
     """
     if not isinstance(param_group, dict):
         raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
@@ -74,14 +118,26 @@ def new_group(
     if isinstance(params, Tensor):
         params = [params]
     elif isinstance(params, (set, frozenset)):
-        raise TypeError("parameters must be given in an ordered collection (a list), not a set")
+        raise TypeError(
+            f"param group {index}: parameters must be given in an ordered collection (a list), "
+            f"not a {type(params).__name__}, whose order may change between runs"
+        )
     elif params is None:
-        raise ValueError("a param group needs a 'params' entry")
-    group["params"] = list(params)
+        raise ValueError(f"param group {index} needs a 'params' entry")
+    elif isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
+        kind = type(params).__name__
+        raise TypeError(f"param group {index}: 'params' must be a tensor or a list of tensors, got {kind}")
+    group["params"], names = _split_names(list(params), offset)
+    if names is not None:
+        if "param_names" in group and list(group["param_names"]) != names:
+            raise ValueError(f"param group {index} gives named parameters and a different 'param_names'")
+        group["param_names"] = names
+    seen = dict(taken) if taken is not None else {}
     for position, param in enumerate(group["params"], offset):
-        check_leaf(position, param)
-        if not (param.is_floating_point() or param.is_complex()):
-            raise TypeError(f"{describe(position, param)} must be floating point or complex to be optimized")
+        check_param(position, param)
+        earlier = seen.setdefault(id(param), position)
+        if earlier != position:
+            raise ValueError(_twice(position, earlier, param))
     for alias, key in ALIASES.items():
         if alias in group:
             value = group.pop(alias)
@@ -102,6 +158,22 @@ def new_group(
     return group
 
 
+def unknown_keys(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> frozenset[str]:
+    """The keys of ``group`` that are neither the chain's (``defaults``, ``"learning_rate"``)
+    nor torch's (``"params"``, ``"param_names"``, the schedulers' :data:`SCHEDULER_KEYS`)."""
+    return frozenset(key for key in group if key not in defaults and key not in _TORCH_KEYS)
+
+
+def unknown_keys_error(index: int, keys: Iterable[str], defaults: Mapping[str, Any], owner: str) -> ValueError:
+    """The error for a param group given keys the chain does not have (a misspelling, or a
+    hyperparameter of another rule: ``weight_decay``, ``betas`` on ``sgd``)."""
+    valid = sorted({*defaults, *ALIASES})
+    return ValueError(
+        f"param group {index} has unknown key(s) {sorted(keys, key=str)}: {owner} takes {valid} "
+        f"(and 'params', 'param_names' and the schedulers' {sorted(SCHEDULER_KEYS)})"
+    )
+
+
 def check_group(
     group: Mapping[str, Any], index: int, stages: Sequence[Stage], owner: str, traced: bool = False
 ) -> None:
@@ -114,10 +186,60 @@ def check_group(
     for alias, key in ALIASES.items():
         if alias in group:
             raise ValueError(f"param group {index} has {alias!r}, which is kept as {key!r}: set group[{key!r}]")
+    where = f"{owner}, param group {index}"
     for stage in stages:
         for spec in stage.transform.hyperparameters:
             value = group[stage.hyper_keys[spec.name]]
-            check_hyperparameter(f"{owner}, param group {index}", spec, value, read_tensors=not traced)
+            check_hyperparameter(where, spec, value, read_tensors=not traced)
+            if isinstance(value, Tensor):
+                check_hyperparameter_device(where, spec.name, value, group["params"])
+
+
+def check_params(param_groups: Sequence[Mapping[str, Any]]) -> None:
+    """Raise a clear error unless every entry of every group's ``"params"`` is a leaf
+    floating-point or complex tensor listed once (in all groups together): for lists edited
+    after the optimizer was built. The message names the parameter's flat position."""
+    first: dict[int, int] = {}
+    position = 0
+    for group in param_groups:
+        for param in group["params"]:
+            check_param(position, param)
+            earlier = first.setdefault(id(param), position)
+            if earlier != position:
+                raise ValueError(_twice(position, earlier, param))
+            position += 1
+
+
+def check_param(position: int, param: object) -> None:
+    """Raise unless ``param`` is a leaf floating-point or complex tensor."""
+    check_leaf(position, param)
+    assert isinstance(param, Tensor)
+    if not (param.is_floating_point() or param.is_complex()):
+        raise TypeError(f"{describe(position, param)} must be floating point or complex to be optimized")
+
+
+def _twice(position: int, earlier: int, param: Tensor) -> str:
+    return (
+        f"{describe(position, param)} is parameter {earlier} again: list each parameter once "
+        "(a tensor listed twice, in one group or in more than one, would be updated twice per step)"
+    )
+
+
+def _split_names(entries: list[Any], offset: int) -> tuple[list[Any], list[Any] | None]:
+    """``(tensors, names)`` of a params list that may hold ``(name, tensor)`` pairs (names
+    ``None`` when it holds none); some named and some not is a ``ValueError``."""
+    named = [isinstance(entry, tuple) for entry in entries]
+    if not any(named):
+        return entries, None
+    if not all(named):
+        position = offset + named.index(False)
+        raise ValueError(
+            f"parameter {position} has no name but others do: give all parameters as (name, tensor) pairs or none"
+        )
+    for position, entry in enumerate(entries, offset):
+        if len(entry) != 2:
+            raise TypeError(f"parameter {position}: a named parameter is a (name, tensor) pair, got {len(entry)} items")
+    return [tensor for _, tensor in entries], [name for name, _ in entries]
 
 
 class BetasLink:

@@ -79,11 +79,12 @@ def gradients(loss_or_grads: LossOrGrads, flat: Sequence[tuple[int, Tensor]]) ->
 
 
 def checked_grad(position: int, group: int, param: Tensor, grad: object, sparse: bool, owner: str) -> Tensor:
-    """``grad`` if it fits ``param`` (a sparse one densified when ``sparse`` allows it),
-    else a ``TypeError`` or ``ValueError`` that names the parameter and the problem."""
+    """``grad`` if it fits ``param`` (a sparse one, of any sparse layout, densified when
+    ``sparse`` allows it), else a ``TypeError`` or ``ValueError`` that names the parameter
+    and the problem."""
     if (
         isinstance(grad, Tensor)
-        and not grad.is_sparse
+        and grad.layout == torch.strided
         and grad.dtype == param.dtype
         and grad.shape == param.shape
         and grad.device == param.device
@@ -92,9 +93,11 @@ def checked_grad(position: int, group: int, param: Tensor, grad: object, sparse:
     name = describe(position, param, group)
     if not isinstance(grad, Tensor):
         raise TypeError(f"the gradient of {name} must be a tensor or None, got {type(grad).__name__}")
-    if grad.is_sparse:
+    if grad.layout != torch.strided:
         if not sparse:
-            raise TypeError(f"{owner} does not support sparse gradients ({name})")
+            raise TypeError(f"{owner} does not support sparse gradients ({name} has a {grad.layout} gradient)")
+        if grad.device.type == "meta" or grad.device != param.device:
+            raise ValueError(f"the gradient of {name} is on {grad.device}, the parameter on {param.device}")
         return checked_grad(position, group, param, grad.to_dense(), sparse, owner)
     if grad.is_complex() != param.is_complex():
         kinds = ("complex", "real") if param.is_complex() else ("real", "complex")

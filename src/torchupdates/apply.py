@@ -25,25 +25,27 @@ def apply_updates(updates: Mapping[Tensor, Tensor]) -> None:
     Raises
     ------
     TypeError
-        When a key or value is not a tensor.
+        When a key or value is not a tensor, or a value's dtype cannot be cast to its
+        target's without losing its kind (complex to real, floating point to integer:
+        ``torch.can_cast``).
     ValueError
-        When a value's shape differs from its target's.
+        When a value's shape differs from its target's, or a value or target holds no
+        dense values (a sparse layout, the meta device).
 
     Notes
     -----
-    Everything is checked before anything is written, so a bad entry leaves all targets
+    Every pair is checked before anything is written, so a bad entry leaves all targets
     as they were. Values are cast to the target's dtype and device, as ``copy_`` does.
     ``optimizer.step(x)`` is exactly ``apply_updates(optimizer.updates(x))``.
     """
     for target, value in updates.items():
-        if not isinstance(target, Tensor) or not isinstance(value, Tensor):
-            raise TypeError(
-                f"update dictionaries map tensors to tensors, got {type(target).__name__} -> {type(value).__name__}"
-            )
-        if value.shape != target.shape:
-            raise ValueError(
-                f"an update of shape {tuple(value.shape)} cannot be written to a tensor of shape {tuple(target.shape)}"
-            )
+        check_pair(target, value)
+    write_updates(updates)
+
+
+def write_updates(updates: Mapping[Tensor, Tensor]) -> None:
+    """The writing half of :func:`apply_updates`, for pairs known to be valid (an engine's
+    proposals): every value read before any target is written."""
     targets_by_id = {id(target) for target in updates}
     batches: dict[Hashable, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
     for target, value in updates.items():
@@ -56,6 +58,25 @@ def apply_updates(updates: Mapping[Tensor, Tensor]) -> None:
     with torch.no_grad():
         for targets, values in batches.values():
             copy_into(targets, values)
+
+
+def check_pair(target: object, value: object) -> None:
+    """Raise unless ``value`` can be written into ``target`` by ``copy_`` as it is meant."""
+    if not isinstance(target, Tensor) or not isinstance(value, Tensor):
+        raise TypeError(
+            f"update dictionaries map tensors to tensors, got {type(target).__name__} -> {type(value).__name__}"
+        )
+    where = f"tensor of shape {tuple(target.shape)} and dtype {target.dtype}"
+    if value.shape != target.shape:
+        raise ValueError(
+            f"an update of shape {tuple(value.shape)} cannot be written to a tensor of shape {tuple(target.shape)}"
+        )
+    if target.layout != torch.strided or value.layout != torch.strided:
+        raise ValueError(f"an update of layout {value.layout} cannot be written to a {target.layout} {where}")
+    if value.device.type == "meta" and target.device.type != "meta":
+        raise ValueError(f"an update on the meta device holds no values to write to a {where} on {target.device}")
+    if not torch.can_cast(value.dtype, target.dtype):
+        raise TypeError(f"an update of dtype {value.dtype} cannot be cast to a {where} without losing its kind")
 
 
 def copy_into(targets: list[Tensor], values: list[Tensor]) -> None:

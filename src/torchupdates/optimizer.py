@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -11,9 +12,18 @@ from torch import Tensor
 
 from . import _checkpoint
 from ._chain_keys import chain_name, make_stage, positions_of, state_keys
-from ._groups import BetasLink, check_group, new_group, stage_values
+from ._groups import (
+    MODIFIER_KEY,
+    BetasLink,
+    check_group,
+    check_params,
+    new_group,
+    stage_values,
+    unknown_keys,
+    unknown_keys_error,
+)
 from ._slots import LossOrGrads, checked_gradients, init_state, make_slot, run_closure, traced_batches
-from .apply import apply_updates
+from .apply import write_updates
 from .engines import ENGINES, Batch, Engine, Stage
 from .engines.compiled import require_compiler
 from .transform import Transform, defaults_of
@@ -104,7 +114,20 @@ class Optimizer(torch.optim.Optimizer):
             self._stages, defaults = _chain
         self._betas = BetasLink(self._stages)
         self._betas.link(defaults)
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(
+                f"parameters must be given in an ordered collection (a list), not a {type(params).__name__}, "
+                "whose order may change between runs"
+            )
+        if isinstance(params, dict):
+            raise TypeError("params must be an iterable of tensors or of param-group dicts; put one group in a list")
+        # Unknown group keys raise, but a modifier's key met while constructing waits for the
+        # first use: the rule functions momentum() and nesterov_momentum() build sgd with groups
+        # that may override the "momentum" of the modifier they compose next (see compose).
+        self._pending_keys: dict[int, frozenset[str]] = {}
+        self._constructing = True
         super().__init__(params, defaults)
+        self._constructing = False
         self._check_engine()
 
     def compose(self, modifier: Transform, params: Iterable[Tensor] | None = None, **hyperparameters: Any) -> Optimizer:
@@ -126,6 +149,11 @@ class Optimizer(torch.optim.Optimizer):
             state_dtype=self.state_dtype,
             _chain=((*self._stages, stage), defaults),
         )
+        pending = self.__dict__.get("_pending_keys", {})
+        for index, keys in composed._pending_keys.items():
+            if keys & pending.get(index, frozenset()):
+                raise unknown_keys_error(index, keys & pending[index], composed.defaults, composed.rule_name)
+        composed._pending_keys = {}  # keys set in the groups after construction are the user's
         for param, state in self.state.items():
             composed.state[param] = dict(state)
         return composed
@@ -133,7 +161,13 @@ class Optimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults, state and param_groups; the chain is needed too.
         state = super().__getstate__()
-        state.update(engine=self.engine, state_dtype=self.state_dtype, _stages=self._stages, _betas=self._betas)
+        state.update(
+            engine=self.engine,
+            state_dtype=self.state_dtype,
+            _stages=self._stages,
+            _betas=self._betas,
+            _pending_keys=self.__dict__.get("_pending_keys", {}),
+        )
         return state
 
     @property
@@ -152,13 +186,29 @@ class Optimizer(torch.optim.Optimizer):
         """Add a param group, checking its parameters and hyperparameters first.
 
         Keys not given take the optimizer's defaults; ``"learning_rate"`` is stored as
-        ``"lr"``, and ``"betas"`` may stand for ``beta1`` and ``beta2``. Nothing is added
-        when a check fails.
+        ``"lr"``, and ``"betas"`` may stand for ``beta1`` and ``beta2``. Parameters may be
+        ``(name, tensor)`` pairs (``named_parameters()``), recorded under ``"param_names"``
+        as torch does. A key the chain does not have, a parameter listed twice and a
+        parameter already in another group are errors. Nothing is added when a check fails.
         """
-        offset = sum(len(group["params"]) for group in self.param_groups)
-        group = new_group(param_group, self.defaults, offset, self._betas.keys)
+        flat = (param for group in self.param_groups for param in group["params"])
+        taken = {id(param): position for position, param in enumerate(flat)}
+        group = new_group(
+            param_group,
+            self.defaults,
+            len(taken),
+            self._betas.keys,
+            index=len(self.param_groups),
+            owner=self.rule_name,
+            taken=taken,
+        )
         check_group(group, len(self.param_groups), self._stages, self.rule_name)
+        unknown = unknown_keys(group, self.defaults)
+        if unknown and (not self.__dict__.get("_constructing") or not all(map(MODIFIER_KEY.fullmatch, unknown))):
+            raise unknown_keys_error(len(self.param_groups), unknown, self.defaults, self.rule_name)
         super().add_param_group(group)
+        if unknown:
+            self._pending_keys[len(self.param_groups) - 1] = unknown
         self._betas.added(group)
 
     def _check_options(self) -> None:
@@ -234,7 +284,7 @@ class Optimizer(torch.optim.Optimizer):
         # Batches touch disjoint tensors and every input is checked before the first, so writing
         # each as it comes (hot in cache; the engine may write some itself) is apply(updates(x)).
         for batch in self._proposals(loss_or_grads, write=True):
-            apply_updates(OrderedDict(pair for _, pairs in batch for pair in pairs))
+            write_updates(OrderedDict(pair for _, pairs in batch for pair in pairs))
         return loss
 
     def _proposals(self, loss_or_grads: LossOrGrads, write: bool) -> Iterator[Batch]:
@@ -242,6 +292,8 @@ class Optimizer(torch.optim.Optimizer):
         # frames of their own, which would answer True while this step runs eagerly.
         traced = torch.compiler.is_compiling()
         self._check_options()
+        self._check_keys()
+        self._check_params()
         self._betas.reconcile(self.param_groups)
         for index, group in enumerate(self.param_groups):
             check_group(group, index, self._stages, self.rule_name, traced)
@@ -265,12 +317,38 @@ class Optimizer(torch.optim.Optimizer):
         repeat = getattr(self._engine_runner(), "repeat", None)
         if repeat is None or torch.compiler.is_compiling():
             return False
+        self._check_keys()
+        self._check_params()
         self._betas.reconcile(self.param_groups)
         for index, group in enumerate(self.param_groups):
             check_group(group, index, self._stages, self.rule_name)
         live = [[p for p in group["params"] if p.grad is not None and p.requires_grad] for group in self.param_groups]
         with torch.no_grad():
             return bool(repeat(self._stages, live, self.state, stage_values(self.param_groups, self._stages)))
+
+    def _check_keys(self) -> None:
+        """Raise for a param group given at construction with a key the chain does not have."""
+        pending = self.__dict__.get("_pending_keys")
+        if pending:
+            index, keys = min(pending.items())
+            raise unknown_keys_error(index, keys, self.defaults, self.rule_name)
+
+    def _check_params(self) -> None:
+        """Check the groups' parameter lists again when they changed since the last check
+        (entries appended or replaced by hand): leaf floating-point tensors, each once."""
+        seen: list[tuple[Tensor, ...]] | None = self.__dict__.get("_params_seen")
+        groups = self.param_groups
+        if (
+            seen is not None
+            and len(seen) == len(groups)
+            and all(
+                len(group["params"]) == len(old) and all(map(operator.is_, group["params"], old))
+                for group, old in zip(groups, seen, strict=True)
+            )
+        ):
+            return
+        check_params(groups)
+        self._params_seen = [tuple(group["params"]) for group in groups]
 
     def _init_group(self, positions: tuple[int, ...]) -> None:
         """Create the missing state of the parameters at ``positions`` (flat order). Named as
@@ -290,17 +368,24 @@ class Optimizer(torch.optim.Optimizer):
     # --- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``"rule"``: the chain's name, checked when loading."""
+        """torch's state dict plus ``"rule"`` (the chain's name, checked when loading) and
+        ``"state_dtype"`` (this optimizer's, as a dtype name or ``None``)."""
+        self._check_keys()
         self._betas.reconcile(self.param_groups)
         return _checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, for a bitwise-exact continuation.
 
-        On top of torch's behaviour: the state is checked against this optimizer's chain,
-        state kept in ``state_dtype`` is restored in that dtype, and a hyperparameter held
-        as a 0-d tensor keeps its identity (the loaded value is written into it), so code
-        that changes it in place keeps working.
+        On top of torch's behaviour: everything is checked against this optimizer's chain
+        before anything is loaded (groups and their keys and values, every state entry's
+        presence, type, shape and dtype; a mismatch raises and changes nothing), state kept
+        in ``state_dtype`` is restored in that dtype, and a hyperparameter held as a 0-d
+        tensor keeps its identity (the loaded value is written into it), so code that
+        changes it in place keeps working. Saved state is never narrowed: state saved in a
+        wider dtype than this optimizer keeps (a checkpoint of an optimizer built with
+        ``state_dtype=torch.float32``, loaded into one built without) is a ``ValueError``
+        naming the ``state_dtype`` to build the optimizer with.
         """
         _checkpoint.load_state_dict(self, state_dict)
         self._betas.loaded(self.param_groups)

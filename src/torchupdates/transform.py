@@ -11,7 +11,7 @@ A formula uses ordinary operators and :func:`sqrt`, :func:`square` and :func:`ma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "Hyperparameter",
     "Transform",
     "check_hyperparameter",
+    "check_hyperparameter_device",
     "defaults_of",
     "maximum",
     "sqrt",
@@ -109,11 +110,15 @@ class Transform:
 def check_hyperparameter(owner: str, spec: Hyperparameter, value: Any, *, read_tensors: bool = True) -> None:
     """Raise a clear error unless ``value`` is a valid value for ``spec``.
 
-    Valid values are real Python numbers and real floating-point 0-d tensors inside the
-    hyperparameter's range. A tensor is read (not copied), so its later in-place changes
-    are seen by the next step. With ``read_tensors=False`` a tensor's range is not checked
-    (only its shape, dtype and ``requires_grad``): reading its value syncs with its device,
-    which a ``torch.compile`` graph cannot do.
+    Valid values are Python ``int`` and ``float`` (NumPy's ``float64`` is a ``float``) and
+    real floating-point 0-d tensors inside the hyperparameter's range, a tensor on a device
+    that holds values (not ``meta``). Other numbers (``fractions.Fraction``, ``decimal``,
+    NumPy's ``float32``) are a ``TypeError``: the kernels could not take them. A tensor is
+    read (not copied), so its later in-place changes are seen by the next step. With
+    ``read_tensors=False`` a tensor's range is not checked (only its shape, dtype, device and
+    ``requires_grad``): reading its value syncs with its device, which a ``torch.compile``
+    graph cannot do. Whether a tensor's device suits the parameters is checked per param
+    group (:func:`check_hyperparameter_device`).
     """
     where = f"{owner}: {spec.name}"
     if isinstance(value, Tensor):
@@ -123,15 +128,37 @@ def check_hyperparameter(owner: str, spec: Hyperparameter, value: Any, *, read_t
             raise TypeError(f"{where} must be a real floating-point tensor, got dtype {value.dtype}")
         if value.requires_grad:
             raise ValueError(f"{where} must not require grad")
-        if value.device.type == "meta" or not read_tensors:
+        if value.layout != torch.strided:
+            raise TypeError(f"{where} must be a dense tensor, got layout {value.layout}")
+        if value.device.type == "meta":
+            raise ValueError(f"{where} is a tensor on the meta device, which holds no value; put it on the CPU")
+        if not read_tensors:
             return
         number = float(value)
-    elif isinstance(value, Real) and not isinstance(value, bool):
-        number = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ValueError(f"{where} must be {spec.bound.describe()}, got {value!r}") from None
     else:
-        raise TypeError(f"{where} must be a real number or a 0-d tensor, got {type(value).__name__}")
+        hint = " (convert it with float())" if isinstance(value, Real) and not isinstance(value, bool) else ""
+        raise TypeError(f"{where} must be a Python int or float or a 0-d tensor, got {type(value).__name__}{hint}")
     if not spec.bound.contains(number):
         raise ValueError(f"{where} must be {spec.bound.describe()}, got {number!r}")
+
+
+def check_hyperparameter_device(owner: str, name: str, value: Any, params: Iterable[Tensor]) -> None:
+    """Raise a ``ValueError`` unless a tensor ``value`` can be used with ``params``: a CPU
+    tensor goes with parameters anywhere (as torch takes CPU scalars), another device's
+    tensor only with parameters on that device."""
+    if not isinstance(value, Tensor) or value.device.type == "cpu":
+        return
+    for position, param in enumerate(params):
+        if isinstance(param, Tensor) and param.device != value.device:
+            raise ValueError(
+                f"{owner}: {name} is a tensor on {value.device}, but parameter {position} of the group is on "
+                f"{param.device}; put it on the parameters' device or on the CPU"
+            )
 
 
 def defaults_of(transform: Transform, given: Mapping[str, Any]) -> dict[str, Any]:
