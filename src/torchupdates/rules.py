@@ -7,6 +7,13 @@ each other bit for bit.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+import textwrap
+from collections.abc import Callable
+from typing import ParamSpec
+
 import torch
 
 from ._math import Array, maximum, sqrt, square
@@ -145,10 +152,111 @@ ADAMAX = Transform("adamax", (_learning_rate(0.002), *_ADAM_FAMILY), ("m", "u"),
 AMSGRAD = Transform("amsgrad", (_learning_rate(0.001), *_ADAM_FAMILY), ("m", "v", "v_hat"), _amsgrad, counts_steps=True)
 
 
+# --- what every rule function shares: parameter documentation and torch.optim's spellings ---
+
+SHARED_PARAMETERS: dict[str, str] = {
+    "params": """\
+params : iterable of Tensor or of dict
+    Parameters to optimize, or param groups: dicts with ``"params"`` and any hyperparameter
+    of this rule to override for that group (``"lr"`` is an alias of ``"learning_rate"``;
+    in the Adam family, ``"betas"`` is torch's pair of ``beta1`` and ``beta2``).""",
+    "lr": """\
+lr : float or 0-d Tensor, optional, keyword only
+    torch.optim's name for ``learning_rate``, accepted as its alias. Giving both is a
+    ``TypeError``.""",
+    "betas": """\
+betas : pair of float or 0-d Tensor, optional, keyword only
+    torch.optim's ``(beta1, beta2)``, accepted instead of the two keywords. Giving
+    ``betas`` and ``beta1`` or ``beta2`` is a ``TypeError``, and so is anything but a
+    tuple or list of two values.""",
+    "engine": """\
+engine : {"foreach", "reference", "compiled"}, optional, keyword only
+    How the formula runs; the three agree bit for bit in float32.
+
+    - ``"foreach"`` (default): eager, each operation of the formula over many tensors at
+      once, in cache-sized chunks. Needs nothing but torch (no compiler).
+    - ``"reference"``: eager, one tensor at a time: the readable specification.
+    - ``"compiled"``: one fused ``torch.compile`` kernel per step (per batch of tensors)
+      over flat buffers of parameters, gradients and state. Needs a C++ compiler on CPU
+      and Triton on CUDA; checked when the optimizer is built, which raises a
+      ``RuntimeError`` naming what is missing. Its first step compiles.""",
+    "state_dtype": """\
+state_dtype : torch.dtype, optional, keyword only
+    Keep state (and the arithmetic) in this dtype, e.g. ``torch.float32`` for bfloat16
+    parameters. Default: the parameter's dtype.""",
+}
+"""Numpydoc entries of the parameters that every rule function takes, written once.
+
+A line ``{name}`` alone in a rule's docstring is replaced by the entry, indented as the line."""
+
+_PLACEHOLDER = re.compile(r"^([ \t]*)\{(\w+)\}[ \t]*$", re.MULTILINE)
+
+TORCH_SPELLINGS: dict[str, str] = {"eps": "epsilon", "alpha": "rho"}
+"""torch.optim's keywords that are spelt differently here (Lasagne's names), to say so."""
+
+_P = ParamSpec("_P")
+
+
+def _fill_shared_docs(doc: str) -> str:
+    def entry(match: re.Match[str]) -> str:
+        indent, name = match.groups()
+        return textwrap.indent(SHARED_PARAMETERS[name], indent)
+
+    return _PLACEHOLDER.sub(entry, doc)
+
+
+def _public(function: Callable[_P, Optimizer]) -> Callable[_P, Optimizer]:
+    """A rule function: its docstring completed with :data:`SHARED_PARAMETERS`, and torch.optim's
+    ``lr=`` (and ``betas=`` where the rule has ``beta1`` and ``beta2``) resolved to the
+    rule's own keywords before it runs."""
+    function.__doc__ = _fill_shared_docs(function.__doc__ or "")
+    signature = inspect.signature(function)
+    name = function.__name__
+    target: Callable[..., Optimizer] = function
+
+    @functools.wraps(function)
+    def rule(*args: _P.args, **kwargs: _P.kwargs) -> Optimizer:
+        for torch_name, ours in TORCH_SPELLINGS.items():
+            if torch_name in kwargs and ours in signature.parameters:
+                raise TypeError(
+                    f"{name}() got an unexpected keyword argument {torch_name!r}: here it is {ours!r} (Lasagne's name)"
+                )
+        if kwargs.get("lr") is None and kwargs.get("betas") is None:
+            return target(*args, **kwargs)
+        try:
+            given = signature.bind_partial(*args, **kwargs)
+        except TypeError:
+            return target(*args, **kwargs)  # Python's own message for a call that does not fit
+        arguments = given.arguments
+        lr = arguments.pop("lr", None)
+        if lr is not None:
+            if arguments.get("learning_rate") is not None:
+                raise TypeError(
+                    f"{name}() got learning_rate={arguments['learning_rate']!r} and its alias "
+                    f"lr={lr!r}: give one of them"
+                )
+            arguments["learning_rate"] = lr
+        betas = arguments.pop("betas", None)
+        if betas is not None:
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise TypeError(f"{name}() takes betas as a pair (beta1, beta2), got {betas!r}")
+            both = [key for key in ("beta1", "beta2") if key in arguments]
+            if both:
+                raise TypeError(
+                    f"{name}() got betas={tuple(betas)!r} and {' and '.join(both)}: give betas or beta1/beta2"
+                )
+            arguments["beta1"], arguments["beta2"] = betas
+        return target(*given.args, **given.kwargs)
+
+    return rule
+
+
+@_public
 def sgd(
     params: ParamsT,
-    learning_rate: Scalar,
+    learning_rate: Scalar | None = None,
     *,
+    lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
 ) -> Optimizer:
@@ -158,20 +266,13 @@ def sgd(
 
     Parameters
     ----------
-    params : iterable of Tensor or of dict
-        Parameters to optimize, or param groups (dicts with ``"params"`` and any
-        hyperparameter of this rule to override, ``"lr"`` being an alias of
-        ``"learning_rate"``).
+    {params}
     learning_rate : float or 0-d Tensor
-        Step size :math:`\eta >= 0`. A tensor is read at every step, so changing it in
-        place changes the next step.
-    engine : {"foreach", "reference", "compiled"}, optional
-        How the formula runs: many tensors per eager kernel (default, no compiler needed),
-        one tensor at a time, or one fused ``torch.compile`` kernel per step over flat
-        buffers (needs a C++ compiler on CPU, Triton on CUDA; checked at construction).
-    state_dtype : torch.dtype, optional
-        Keep state (and the arithmetic) in this dtype, e.g. ``torch.float32`` for
-        bfloat16 parameters. Default: the parameter's dtype.
+        Step size :math:`\eta >= 0`, required (or given as ``lr``). A tensor is read at
+        every step, so changing it in place changes the next step.
+    {lr}
+    {engine}
+    {state_dtype}
 
     Returns
     -------
@@ -186,11 +287,13 @@ def sgd(
     return Optimizer(params, SGD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate)
 
 
+@_public
 def momentum(
     params: ParamsT,
-    learning_rate: Scalar,
+    learning_rate: Scalar | None = None,
     momentum: Scalar = 0.9,
     *,
+    lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
 ) -> Optimizer:
@@ -207,16 +310,16 @@ def momentum(
 
     Parameters
     ----------
-    params : iterable of Tensor or of dict
-        Parameters or param groups, as for :func:`sgd`.
+    {params}
     learning_rate : float or 0-d Tensor
-        Step size :math:`\eta >= 0`.
+        Step size :math:`\eta >= 0`, required (or given as ``lr``).
     momentum : float or 0-d Tensor, optional
         :math:`\mu` in [0, 1). Higher momentum smooths over more steps and also makes the
         steps larger; scaling the learning rate by ``1 - momentum`` compensates.
         Default 0.9.
-    engine, state_dtype
-        As for :func:`sgd`.
+    {lr}
+    {engine}
+    {state_dtype}
 
     Returns
     -------
@@ -232,11 +335,13 @@ def momentum(
     return base.compose(MOMENTUM, None, momentum=momentum)
 
 
+@_public
 def nesterov_momentum(
     params: ParamsT,
-    learning_rate: Scalar,
+    learning_rate: Scalar | None = None,
     momentum: Scalar = 0.9,
     *,
+    lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
 ) -> Optimizer:
@@ -255,14 +360,14 @@ def nesterov_momentum(
 
     Parameters
     ----------
-    params : iterable of Tensor or of dict
-        Parameters or param groups, as for :func:`sgd`.
+    {params}
     learning_rate : float or 0-d Tensor
-        Step size :math:`\eta >= 0`.
+        Step size :math:`\eta >= 0`, required (or given as ``lr``).
     momentum : float or 0-d Tensor, optional
         :math:`\mu` in [0, 1). Default 0.9.
-    engine, state_dtype
-        As for :func:`sgd`.
+    {lr}
+    {engine}
+    {state_dtype}
 
     Returns
     -------
@@ -280,11 +385,13 @@ def nesterov_momentum(
     return base.compose(NESTEROV_MOMENTUM, None, momentum=momentum)
 
 
+@_public
 def adagrad(
     params: ParamsT,
     learning_rate: Scalar = 1.0,
     epsilon: Scalar = 1e-6,
     *,
+    lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
 ) -> Optimizer:
@@ -299,14 +406,14 @@ def adagrad(
 
     Parameters
     ----------
-    params : iterable of Tensor or of dict
-        Parameters or param groups, as for :func:`sgd`.
+    {params}
     learning_rate : float or 0-d Tensor, optional
         :math:`\eta >= 0`. Default 1.0.
     epsilon : float or 0-d Tensor, optional
         :math:`\epsilon >= 0`, for numerical stability. Default 1e-6.
-    engine, state_dtype
-        As for :func:`sgd`.
+    {lr}
+    {engine}
+    {state_dtype}
 
     Returns
     -------
@@ -324,12 +431,14 @@ def adagrad(
     )
 
 
+@_public
 def rmsprop(
     params: ParamsT,
     learning_rate: Scalar = 1.0,
     rho: Scalar = 0.9,
     epsilon: Scalar = 1e-6,
     *,
+    lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
 ) -> Optimizer:
@@ -341,8 +450,7 @@ def rmsprop(
 
     Parameters
     ----------
-    params : iterable of Tensor or of dict
-        Parameters or param groups, as for :func:`sgd`.
+    {params}
     learning_rate : float or 0-d Tensor, optional
         :math:`\eta >= 0`. Default 1.0.
     rho : float or 0-d Tensor, optional
@@ -350,8 +458,9 @@ def rmsprop(
         Default 0.9.
     epsilon : float or 0-d Tensor, optional
         :math:`\epsilon >= 0`, inside the square root. Default 1e-6.
-    engine, state_dtype
-        As for :func:`sgd`.
+    {lr}
+    {engine}
+    {state_dtype}
 
     Returns
     -------
@@ -374,12 +483,14 @@ def rmsprop(
     )
 
 
+@_public
 def adadelta(
     params: ParamsT,
     learning_rate: Scalar = 1.0,
     rho: Scalar = 0.95,
     epsilon: Scalar = 1e-6,
     *,
+    lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
 ) -> Optimizer:
@@ -396,16 +507,16 @@ def adadelta(
 
     Parameters
     ----------
-    params : iterable of Tensor or of dict
-        Parameters or param groups, as for :func:`sgd`.
+    {params}
     learning_rate : float or 0-d Tensor, optional
         :math:`\eta >= 0`. Default 1.0.
     rho : float or 0-d Tensor, optional
         Decay :math:`\rho` in [0, 1). Default 0.95, as suggested in the paper.
     epsilon : float or 0-d Tensor, optional
         :math:`\epsilon >= 0`. Default 1e-6.
-    engine, state_dtype
-        As for :func:`sgd`.
+    {lr}
+    {engine}
+    {state_dtype}
 
     Returns
     -------
@@ -428,6 +539,7 @@ def adadelta(
     )
 
 
+@_public
 def adam(
     params: ParamsT,
     learning_rate: Scalar = 0.001,
@@ -435,6 +547,8 @@ def adam(
     beta2: Scalar = 0.999,
     epsilon: Scalar = 1e-8,
     *,
+    lr: Scalar | None = None,
+    betas: tuple[Scalar, Scalar] | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
 ) -> Optimizer:
@@ -454,8 +568,7 @@ def adam(
 
     Parameters
     ----------
-    params : iterable of Tensor or of dict
-        Parameters or param groups, as for :func:`sgd`.
+    {params}
     learning_rate : float or 0-d Tensor, optional
         :math:`\eta >= 0`. Default 0.001.
     beta1 : float or 0-d Tensor, optional
@@ -464,8 +577,10 @@ def adam(
         Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
     epsilon : float or 0-d Tensor, optional
         :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
-    engine, state_dtype
-        As for :func:`sgd`.
+    {lr}
+    {betas}
+    {engine}
+    {state_dtype}
 
     Returns
     -------
@@ -489,6 +604,7 @@ def adam(
     )
 
 
+@_public
 def adamax(
     params: ParamsT,
     learning_rate: Scalar = 0.002,
@@ -496,6 +612,8 @@ def adamax(
     beta2: Scalar = 0.999,
     epsilon: Scalar = 1e-8,
     *,
+    lr: Scalar | None = None,
+    betas: tuple[Scalar, Scalar] | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
 ) -> Optimizer:
@@ -509,8 +627,7 @@ def adamax(
 
     Parameters
     ----------
-    params : iterable of Tensor or of dict
-        Parameters or param groups, as for :func:`sgd`.
+    {params}
     learning_rate : float or 0-d Tensor, optional
         :math:`\eta >= 0`. Default 0.002.
     beta1 : float or 0-d Tensor, optional
@@ -519,8 +636,10 @@ def adamax(
         Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
     epsilon : float or 0-d Tensor, optional
         :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
-    engine, state_dtype
-        As for :func:`sgd`.
+    {lr}
+    {betas}
+    {engine}
+    {state_dtype}
 
     Returns
     -------
@@ -544,6 +663,7 @@ def adamax(
     )
 
 
+@_public
 def amsgrad(
     params: ParamsT,
     learning_rate: Scalar = 0.001,
@@ -551,6 +671,8 @@ def amsgrad(
     beta2: Scalar = 0.999,
     epsilon: Scalar = 1e-8,
     *,
+    lr: Scalar | None = None,
+    betas: tuple[Scalar, Scalar] | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
 ) -> Optimizer:
@@ -565,8 +687,7 @@ def amsgrad(
 
     Parameters
     ----------
-    params : iterable of Tensor or of dict
-        Parameters or param groups, as for :func:`sgd`.
+    {params}
     learning_rate : float or 0-d Tensor, optional
         :math:`\eta >= 0`. Default 0.001.
     beta1 : float or 0-d Tensor, optional
@@ -575,8 +696,10 @@ def amsgrad(
         Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
     epsilon : float or 0-d Tensor, optional
         :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
-    engine, state_dtype
-        As for :func:`sgd`.
+    {lr}
+    {betas}
+    {engine}
+    {state_dtype}
 
     Returns
     -------
