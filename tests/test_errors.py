@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import torchupdates as updates
+from torchupdates.registry import RULE_NAMES as RULES
 
-RULES = ["sgd", "momentum", "nesterov_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "amsgrad"]
 DECAYS = {
     "momentum": ["momentum"],
     "nesterov_momentum": ["momentum"],

@@ -47,9 +47,9 @@ from compiler import compiler_available, needs_compiler
 from numpy_reference import DEFAULTS, ReferenceOptimizer
 from torchupdates import apply_updates
 from torchupdates.engines import foreach as foreach_engine
+from torchupdates.registry import MODIFIER_NAMES as MODIFIERS
+from torchupdates.registry import RULE_NAMES as RULES
 
-RULES = ["sgd", "momentum", "nesterov_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "amsgrad"]
-MODIFIERS = ["apply_momentum", "apply_nesterov_momentum"]
 ENGINES = ["reference", "foreach", pytest.param("compiled", marks=needs_compiler)]
 
 SHAPES: list[tuple[int, ...]] = [(), (5,), (3, 4), (2, 3, 2, 2)]

@@ -16,9 +16,9 @@ import torch
 
 import numpy_reference as ref
 import torchupdates
+from torchupdates.registry import RULE_NAMES as RULES
 
 SHAPES = [(5,), (3, 4), (2, 3, 2, 2)]
-RULES = ["sgd", "momentum", "nesterov_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "amsgrad"]
 HYPER: dict[str, dict[str, float]] = {
     "sgd": {"learning_rate": 0.05},
     "momentum": {"learning_rate": 0.05},

@@ -17,8 +17,7 @@ import torch
 from torch.optim import lr_scheduler
 
 import torchupdates as updates
-
-RULES = ["sgd", "momentum", "nesterov_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "amsgrad"]
+from torchupdates.registry import RULE_NAMES as RULES
 
 # Every hyperparameter of every rule (beyond learning_rate), with a valid non-default value.
 OVERRIDES = {

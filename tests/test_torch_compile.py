@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 
 import torchupdates
 from torchupdates.engines import ENGINES
+from torchupdates.registry import RULE_NAMES as RULES
 
 
 def _inductor_can_compile() -> bool:
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.skipif(
     not _inductor_can_compile(), reason="torch.compile (Inductor) needs a C++ compiler on CPU and none was found"
 )
 
-RULES = ["sgd", "momentum", "nesterov_momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "amsgrad"]
 LEARNING_RATES = {"adagrad": 0.1, "adadelta": 1.0}
 STEPS = 4
 FLOAT32_BOUND = 1e-6  # torch.optim's compiled Adam is about 4e-7 from its eager run here
