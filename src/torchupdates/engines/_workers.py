@@ -16,6 +16,7 @@ legality: inference mode and flush-denormal mode. Under a Python dispatch or fun
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -102,10 +103,25 @@ def _drain(tasks: Iterator[Task], inference: bool, flush: bool, done: queue.Simp
     done.put(None)
 
 
+@functools.cache
+def _per_thread_torch_threads() -> bool:
+    """Whether torch's thread count is per thread (OpenMP), so that workers can be made
+    single-threaded without changing the caller's operations (not so with torch's native
+    thread pool, whose size is process-wide)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def run_tasks(tasks: Sequence[Task], count: int) -> None:
     """Run every task, on ``count`` worker threads (the caller waits), or on the caller's
-    thread when ``count`` is 1 or a Python dispatch or function mode is active."""
-    if count <= 1 or len(tasks) <= 1 or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+    thread when ``count`` is 1, a Python dispatch or function mode is active, or torch's
+    threads are not OpenMP's."""
+    if (
+        count <= 1
+        or len(tasks) <= 1
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._len_torch_function_stack()
+        or not _per_thread_torch_threads()
+    ):
         for task in tasks:
             task()
         return
