@@ -62,6 +62,9 @@ _THREADS: dict[bool, dict[str, str | int | bool | Callable[..., Any]]] = {
 }
 
 
+_OPMATH_FLOAT32 = (torch.float16, torch.bfloat16)
+
+
 class CompilerMissingError(RuntimeError):
     """``engine="compiled"`` cannot compile kernels for a device on this machine."""
 
@@ -139,7 +142,14 @@ class _Program:
                     args.append(f"c{len(self.coefficients)}")
                     self.coefficients.append(_coefficient(arg, device))
             names[node.index] = f"v{node.index}"
-            body.append(f"    v{node.index} = {_FUNCTIONS[node.op]}({', '.join(args)})")
+            if work_dtype in _OPMATH_FLOAT32:
+                # Eager torch computes a 16-bit operation in float32 (scalars unrounded) and
+                # rounds its result once: the same here, so that fused operations still round
+                # one by one.
+                call = f"{_FUNCTIONS[node.op]}({', '.join(f'{a}.float()' for a in args)}).to({work_dtype})"
+            else:
+                call = f"{_FUNCTIONS[node.op]}({', '.join(args)})"
+            body.append(f"    v{node.index} = {call}")
         inputs = [*leaves, *(f"c{k}" for k in range(len(self.coefficients)))]
         self.results = {role: names[node.index] for role, node in outputs.items()}
         self.dtypes = dtypes
