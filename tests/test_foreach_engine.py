@@ -103,6 +103,7 @@ CASES: dict[str, tuple[list[tuple[int, ...]], torch.dtype, str, str, torch.dtype
     "bfloat16": ([(1200, 3), (9,)], torch.bfloat16, "", "", None),
     "complex": ([(900, 2), (6,)], torch.complex64, "", "", None),
     "0-d and empty": ([(), (0,), (4, 0), (3000,), ()], torch.float32, "", "", None),
+    "many small": ([(5,), (17,), (3,), (64,), (100,), (2, 3)] * 5 + [(90,)] * 8, torch.float32, "", "", None),
 }
 
 
@@ -162,6 +163,14 @@ def _run_both(build: Build, case: str) -> None:
 def test_cpu_step_equals_reference(chain: str, case: str, fast_path_calls: list[int]) -> None:
     _run_both(CHAINS[chain], case)
     assert fast_path_calls, "the compiled CPU path did not run"
+
+
+@pytest.mark.parametrize("chain", ["adam", "adadelta", "nesterov(amsgrad)"])
+def test_without_numpy_roots(chain: str, monkeypatch: pytest.MonkeyPatch, fast_path_calls: list[int]) -> None:
+    # Where NumPy is missing (or its root is not exact), float32 roots go through float64.
+    monkeypatch.setattr(_cpu, "sqrt_mode", lambda dtype: "native" if dtype == torch.float64 else "wide")
+    _run_both(CHAINS[chain], "direct float32")
+    assert fast_path_calls
 
 
 def test_cases_have_the_layouts_they_claim() -> None:

@@ -263,8 +263,13 @@ def _run_group(job: _Job, group: list[list[Tensor]], size: int) -> None:
     staging = _BUFFERS.get(job.dtype, job.leaves + job.program.scratch, job.chunk)[: job.leaves]
     shapes = tuple(tensors[0].shape for tensors in group)
     views = [_BUFFERS.shaped(job.dtype, role, staging[role], shapes) for role in range(job.leaves)]
+    flat = len(shapes[0]) == 1 and all(len(shape) == 1 for shape in shapes)
     for role in job.program.reads:
-        _copy([tensors[role] for tensors in group], views[role])
+        sources = [tensors[role] for tensors in group]
+        if flat and all(t.dtype == job.dtype for t in sources):
+            torch.cat(sources, out=staging[role][:size])  # one copy kernel for 1-D pieces
+        else:
+            _copy(sources, views[role])
     registers = job.registers([buffer[:size] for buffer in staging], size)
     job.program.run(*registers, *job.constants)
     for role in job.program.outputs:
