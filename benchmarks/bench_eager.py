@@ -9,43 +9,67 @@ fastest steps instead (less sensitive to other processes on a shared machine). E
 
     python benchmarks/bench_eager.py --repeat 20 --rules adam,momentum
     python benchmarks/bench_eager.py --profile adam     # torch.profiler table of our step
+    git worktree add /tmp/before <commit> && python benchmarks/bench_eager.py --before /tmp/before/src
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
 import torchupdates as updates
 
 TorchFactory = Callable[[list[torch.Tensor], dict[str, bool]], torch.optim.Optimizer]
-OursFactory = Callable[[list[torch.Tensor], str], torch.optim.Optimizer]
+OursFactory = Callable[[Any, list[torch.Tensor], str], torch.optim.Optimizer]  # (package, params, engine)
 
 # rule -> (ours, torch.optim's equivalent, whether torch has fused=True for it)
 RULES: dict[str, tuple[OursFactory, TorchFactory, bool]] = {
-    "sgd": (lambda p, e: updates.sgd(p, 0.01, engine=e), lambda p, k: torch.optim.SGD(p, 0.01, **k), True),
+    "sgd": (lambda u, p, e: u.sgd(p, 0.01, engine=e), lambda p, k: torch.optim.SGD(p, 0.01, **k), True),
     "momentum": (
-        lambda p, e: updates.momentum(p, 0.01, engine=e),
+        lambda u, p, e: u.momentum(p, 0.01, engine=e),
         lambda p, k: torch.optim.SGD(p, 0.01, momentum=0.9, **k),
         True,
     ),
     "nesterov_momentum": (
-        lambda p, e: updates.nesterov_momentum(p, 0.01, engine=e),
+        lambda u, p, e: u.nesterov_momentum(p, 0.01, engine=e),
         lambda p, k: torch.optim.SGD(p, 0.01, momentum=0.9, nesterov=True, **k),
         True,
     ),
-    "adagrad": (lambda p, e: updates.adagrad(p, 0.01, engine=e), lambda p, k: torch.optim.Adagrad(p, 0.01, **k), True),
-    "rmsprop": (lambda p, e: updates.rmsprop(p, 0.01, engine=e), lambda p, k: torch.optim.RMSprop(p, 0.01, **k), False),
-    "adadelta": (lambda p, e: updates.adadelta(p, engine=e), lambda p, k: torch.optim.Adadelta(p, **k), False),
-    "adam": (lambda p, e: updates.adam(p, engine=e), lambda p, k: torch.optim.Adam(p, **k), True),
-    "adamax": (lambda p, e: updates.adamax(p, engine=e), lambda p, k: torch.optim.Adamax(p, **k), False),
-    "amsgrad": (lambda p, e: updates.amsgrad(p, engine=e), lambda p, k: torch.optim.Adam(p, amsgrad=True, **k), True),
+    "adagrad": (lambda u, p, e: u.adagrad(p, 0.01, engine=e), lambda p, k: torch.optim.Adagrad(p, 0.01, **k), True),
+    "rmsprop": (lambda u, p, e: u.rmsprop(p, 0.01, engine=e), lambda p, k: torch.optim.RMSprop(p, 0.01, **k), False),
+    "adadelta": (lambda u, p, e: u.adadelta(p, engine=e), lambda p, k: torch.optim.Adadelta(p, **k), False),
+    "adam": (lambda u, p, e: u.adam(p, engine=e), lambda p, k: torch.optim.Adam(p, **k), True),
+    "adamax": (lambda u, p, e: u.adamax(p, engine=e), lambda p, k: torch.optim.Adamax(p, **k), False),
+    "amsgrad": (
+        lambda u, p, e: u.amsgrad(p, engine=e),
+        lambda p, k: torch.optim.Adam(p, amsgrad=True, **k),
+        True,
+    ),
 }
+
+
+def load_before(source: str) -> Any:
+    """The ``torchupdates`` package of another checkout (its ``src`` folder), imported as
+    ``torchupdates_before`` beside this one."""
+    root = Path(source) / "torchupdates"
+    spec = importlib.util.spec_from_file_location(
+        "torchupdates_before", root / "__init__.py", submodule_search_locations=[str(root)]
+    )
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"no torchupdates package in {source}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["torchupdates_before"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_params(big: int, small: int, big_shape: tuple[int, ...], small_numel: int) -> list[torch.Tensor]:
@@ -70,11 +94,15 @@ def copies(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def implementations(rule: str, engines: list[str], params: list[torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+def implementations(
+    rule: str, engines: list[str], params: list[torch.Tensor], before: Any = None
+) -> dict[str, torch.optim.Optimizer]:
     ours, theirs, fused = RULES[rule]
     built: dict[str, torch.optim.Optimizer] = {}
     for engine in engines:
-        built[engine] = ours(copies(params), engine)
+        built[engine] = ours(updates, copies(params), engine)
+    if before is not None:
+        built["before"] = ours(before, copies(params), "foreach")
     built["torch foreach"] = theirs(copies(params), {"foreach": True})
     if fused:
         built["torch fused"] = theirs(copies(params), {"fused": True})
@@ -95,7 +123,7 @@ def interleaved_times(optimizers: dict[str, torch.optim.Optimizer], warmup: int,
 
 
 def profile(rule: str, engine: str, params: list[torch.Tensor], steps: int) -> None:
-    optimizer = RULES[rule][0](copies(params), engine)
+    optimizer = RULES[rule][0](updates, copies(params), engine)
     for _ in range(3):
         optimizer.step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -116,6 +144,12 @@ def main() -> None:
     parser.add_argument("--small-numel", type=int, default=4096, help="elements of a small tensor (default 4096)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--profile", metavar="RULE", default=None, help="profile our step of RULE instead")
+    parser.add_argument(
+        "--before",
+        metavar="SRC",
+        default=None,
+        help="also time the foreach engine of another checkout (its src folder), e.g. the one before a change",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     big_shape = tuple(int(n) for n in args.big_shape.split("x"))
@@ -130,19 +164,21 @@ def main() -> None:
         f"{args.threads} threads; median ms per step over {args.repeat} interleaved rounds; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
-    columns = [*engines, "torch foreach", "torch fused"]
+    before = load_before(args.before) if args.before else None
+    ours = [*engines, *(["before"] if before is not None else [])]
+    columns = [*ours, "torch foreach", "torch fused"]
     header = ["rule", *(f"{c} ms" for c in columns)]
-    header += [f"{e} / torch foreach" for e in engines] + [f"{e} / torch fused" for e in engines]
-    header += [f"(best-of: {e} / torch foreach)" for e in engines]
+    header += [f"{e} / torch foreach" for e in ours] + [f"{e} / torch fused" for e in ours]
+    header += [f"(best-of: {e} / torch foreach)" for e in ours]
     widths = [max(len(h), 17) if i == 0 else len(h) for i, h in enumerate(header)]
     print("  ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)), flush=True)
     for rule in args.rules.split(","):
-        times = interleaved_times(implementations(rule, engines, params), args.warmup, args.repeat)
+        times = interleaved_times(implementations(rule, engines, params, before), args.warmup, args.repeat)
         medians = {name: statistics.median(values) for name, values in times.items()}
         row = [rule] + [f"{medians[c] * 1e3:.1f}" if c in medians else "-" for c in columns]
         for base in ("torch foreach", "torch fused"):
-            row += [f"{medians[base] / medians[e]:.2f}x" if base in medians else "-" for e in engines]
-        row += [f"{min(times['torch foreach']) / min(times[e]):.2f}x" for e in engines]
+            row += [f"{medians[base] / medians[e]:.2f}x" if base in medians else "-" for e in ours]
+        row += [f"{min(times['torch foreach']) / min(times[e]):.2f}x" for e in ours]
         print("  ".join(f"{cell:>{w}}" for cell, w in zip(row, widths, strict=True)), flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f} (the machine's other work shows in the times)")
 
