@@ -332,7 +332,7 @@ def test_workers_mirror_flush_denormal() -> None:
     generator = torch.Generator().manual_seed(9)
     init = [torch.randn(5000, generator=generator) * 1e-37, torch.randn(7, generator=generator) * 1e-37]
     grads = [[torch.randn(p.shape, generator=generator) * 1e-37 for p in init] for _ in range(3)]
-    build = CHAINS["momentum"]
+    build = CHAINS["rmsprop"]  # programs with square roots run on workers
     assert torch.set_flush_denormal(True), "this CPU cannot flush denormals"
     try:
         _reference_and_foreach(build, init, grads)
@@ -367,8 +367,9 @@ def test_python_dispatch_modes_see_every_operation(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(foreach_engine, "cpu_workers", lambda: 3)
     init, grads, _ = _problem("direct float32")
     with Record():
-        _reference_and_foreach(CHAINS["momentum"], init, grads)
-    assert sum("aten.mul.out" in name for name in seen) >= 2 * len(grads) * 7  # every chunk's two products
+        _reference_and_foreach(CHAINS["adam"], init, grads)
+    assert sum("aten.mul.out" in name for name in seen) >= 4 * len(grads) * 7  # every chunk's products
+    assert sum("aten.sqrt.out" in name for name in seen) >= len(grads) * 7  # roots too (not NumPy's)
 
 
 def test_worker_errors_reach_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -379,7 +380,7 @@ def test_worker_errors_reach_the_caller(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(_cpu, "_run_direct", broken)
     params = [torch.nn.Parameter(torch.ones(5000)), torch.nn.Parameter(torch.ones(5000))]
-    opt = torchupdates.sgd(params, 0.1)
+    opt = torchupdates.rmsprop(params, 0.1)
     with pytest.raises(RuntimeError, match="a chunk failed"):
         opt.step([torch.ones(5000), torch.ones(5000)])
 

@@ -140,8 +140,9 @@ def run_batch(
     chunk: int,
     threads: int = 1,
 ) -> bool:
-    """Compute the batch's new parameters and state and write them in place (not counters),
-    on ``threads`` worker threads when the batch has several chunks (see :mod:`._workers`).
+    """Compute the batch's new parameters and state and write them in place (not counters).
+    Chunks run on the calling thread, or on up to ``threads`` worker threads when the program
+    takes NumPy's square roots (see :mod:`._workers`).
 
     Returns ``False``, having done nothing, unless every tensor is a plain CPU tensor.
     """
@@ -158,7 +159,9 @@ def run_batch(
     program = _compile(stages, hyperparameters, first, keys)
     if not program.outputs:
         return True
-    job = _Job(program, _constants(program.constants, dtype), dtype, 2 + len(keys), chunk)
+    leaves = 2 + len(keys)
+    chunk = _chunk_elements(chunk, (leaves + program.scratch) * dtype.itemsize + 8 * program.wide)
+    job = _Job(program, _constants(program.constants, dtype), dtype, leaves, chunk)
     tasks: list[Callable[[], None]] = []
     staged: list[list[Tensor]] = []
     for tensors in rows:
@@ -175,8 +178,26 @@ def run_batch(
         else:
             staged += [[t[index] for t in tensors] for index in _blocks(tensors[0].shape, chunk)]
     tasks += _staged_tasks(job, staged)
-    run_tasks(tasks, threads)
+    # torch spreads each operation over the caller's threads itself (OpenMP, whose threads are
+    # still spinning from the caller's last operations, e.g. a backward pass: waking workers
+    # then leaves them a core short). NumPy's square root runs on one thread: programs using
+    # it run their chunks on workers, one chunk per core.
+    run_tasks(tasks, threads if program.numpy else 1)
     return True
+
+
+CHUNK_BYTES = 8 << 20
+"""About how many bytes of registers (the chunk's parameter, gradient and state ranges, its
+scratch and float64 buffers) a chunk may span: a program with many registers takes fewer
+elements per chunk, so that the workers' chunks stay in the last-level cache together, while
+light programs (SGD, momentum) take the largest chunks, which stream memory best."""
+
+
+def _chunk_elements(largest: int, register_bytes: int) -> int:
+    """Elements per chunk: ``largest``, or fewer when its registers would span more than
+    :data:`CHUNK_BYTES` (then a multiple of 64 elements, so chunk boundaries stay aligned)."""
+    fitting = CHUNK_BYTES // max(register_bytes, 1)
+    return min(largest, max(64, fitting - fitting % 64))
 
 
 def _constants(values: Sequence[Scalar], dtype: torch.dtype) -> tuple[Scalar, ...]:
@@ -210,10 +231,12 @@ def _compile(
 
 
 def sqrt_mode(dtype: torch.dtype) -> str:
-    """How a CPU program of this working dtype takes correctly rounded square roots."""
+    """How a CPU program of this working dtype takes correctly rounded square roots (torch's
+    own operations under a Python dispatch or function mode, which should see them all)."""
     if not needs_wide_sqrt(dtype, torch.device("cpu")):
         return "native"
-    return "numpy" if dtype == torch.float32 and numpy_sqrt() is not None else "wide"
+    modes = torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
+    return "numpy" if dtype == torch.float32 and not modes and numpy_sqrt() is not None else "wide"
 
 
 def _direct(tensors: Sequence[Tensor], dtype: torch.dtype) -> bool:

@@ -55,6 +55,7 @@ class Program:
     run: Callable[..., None]
     scratch: int
     wide: bool
+    numpy: bool  # calls NumPy's square root (single-threaded, and it releases the GIL)
     constants: tuple[Scalar, ...]
     outputs: tuple[int, ...]
     reads: tuple[int, ...]
@@ -192,6 +193,7 @@ class _Allocator:
             run=_compiled(source),
             scratch=scratch,
             wide=wide,
+            numpy=wide and self.sqrt == "numpy",
             constants=tuple(self.constants),
             outputs=tuple(sorted(self.output_of)),
             reads=reads,

@@ -1,13 +1,13 @@
 """Worker threads for the CPU step: independent chunks on several cores at once.
 
-torch parallelises one elementwise operation over its threads (OpenMP), with a fork and a
-barrier per operation. For a formula run chunk by chunk that means a barrier every few
-microseconds, and each operation's data split between the cores' caches. Here each worker
-thread runs whole chunks with single-threaded operations instead, its chunk in its own core's
-cache; torch releases the GIL inside every operation, so the workers run in parallel and
-only the Python glue between operations is serialised. A step uses as many workers as the
-calling thread's ``torch.get_num_threads()``; results are the same as on one thread, element
-for element (each element's operations are the same, whichever thread runs them).
+torch parallelises one elementwise operation over its threads (OpenMP); NumPy's square root
+(see :mod:`torchupdates._sqrt`) runs on one thread. A program that takes NumPy's roots runs
+its chunks on worker threads instead, each worker running whole chunks with single-threaded
+operations, its chunk in its own core's cache; torch and NumPy release the GIL inside every
+operation, so the workers run in parallel and only the Python glue between operations is
+serialised. A step uses as many workers as the calling thread's ``torch.get_num_threads()``
+(capped); results are the same as on one thread, element for element (each element's
+operations are the same, whichever thread runs them).
 
 A worker mirrors the caller's thread-local state that could change an operation's result or
 legality: inference mode and flush-denormal mode. Under a Python dispatch or function mode

@@ -2,8 +2,8 @@
 
 A step on CPU (plain tensors) runs each batch through :mod:`._cpu`: the formulas recorded once
 per batch and compiled into single-tensor calls with ``out=`` over preallocated registers, run
-over cache-sized chunks on worker threads (:mod:`._workers`). Gradients that share memory with
-a parameter or its state are copied first. Everything else (other devices, whose multi-tensor
+over cache-sized chunks (on worker threads where that pays, :mod:`._workers`). Gradients that
+share memory with a parameter or its state are copied first. Everything else (other devices, whose multi-tensor
 kernels want whole lists; update dictionaries, whose values must be new tensors; tensor
 subclasses such as DTensor) records and runs tensor lists as below.
 """
@@ -24,15 +24,16 @@ from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
-CPU_CHUNK_ELEMENTS = 1 << 18
-"""On CPU a batch is cut into chunks of about this many elements: foreach ops are loops over
-tensors there, so small chunks keep a formula's temporaries in cache. On accelerators a batch
-stays whole, for the multi-tensor kernels."""
+CPU_CHUNK_ELEMENTS = 1 << 19
+"""On CPU a batch is cut into chunks of at most this many elements (fewer for formulas with many
+operands and temporaries, see ``_cpu.CHUNK_BYTES``): foreach ops are loops over tensors there,
+so small chunks keep a formula's temporaries in cache. On accelerators a batch stays whole,
+for the multi-tensor kernels."""
 
 CPU_MAX_WORKERS = 8
-"""At most this many worker threads run a CPU step's chunks (one per torch thread of the
-caller, up to this cap): beyond it the Python between operations, which holds the GIL, would
-keep workers waiting, and memory bandwidth is spent anyway."""
+"""At most this many worker threads run a CPU step's chunks, where workers are used (one per
+torch thread of the caller, up to this cap): beyond it the Python between operations, which
+holds the GIL, would keep workers waiting, and memory bandwidth is spent anyway."""
 
 
 def cpu_workers() -> int:
