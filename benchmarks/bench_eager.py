@@ -4,8 +4,11 @@ Workload (default): float32, 13.4M parameters in 200 tensors (12 of 1024x1024 an
 gradients fixed. Every implementation gets its own copy of the parameters and gradients; their
 steps are interleaved (one step of each in turn) so that the machine's drift hits all of them
 alike, and each one's median step time over ``--repeat`` rounds is reported, after
-``--warmup`` rounds. Ratios compare medians of the same run; the last column compares the
-fastest steps instead (less sensitive to other processes on a shared machine). Example::
+``--warmup`` rounds. Each step comes right after a multi-threaded torch operation, as a step
+comes after a backward pass (torch's OpenMP threads are awake and spinning then; turn this off
+with ``--no-after-parallel-work``). Ratios compare medians of the same run; the last column
+compares the fastest steps instead (less sensitive to other processes on a shared machine).
+Example::
 
     python benchmarks/bench_eager.py --repeat 20 --rules adam,momentum
     python benchmarks/bench_eager.py --profile adam     # torch.profiler table of our step
@@ -28,7 +31,7 @@ import torch
 
 import torchupdates as updates
 
-TorchFactory = Callable[[list[torch.Tensor], dict[str, bool]], torch.optim.Optimizer]
+TorchFactory = Callable[[list[torch.Tensor], dict[str, Any]], torch.optim.Optimizer]
 OursFactory = Callable[[Any, list[torch.Tensor], str], torch.optim.Optimizer]  # (package, params, engine)
 
 # rule -> (ours, torch.optim's equivalent, whether torch has fused=True for it)
@@ -76,7 +79,7 @@ def make_params(big: int, small: int, big_shape: tuple[int, ...], small_numel: i
     """``big`` tensors of ``big_shape`` and ``small`` of ``small_numel``, with fixed gradients."""
     generator = torch.Generator().manual_seed(0)
     shapes = [big_shape] * big + [(small_numel,)] * small
-    params = []
+    params: list[torch.Tensor] = []
     for shape in shapes:
         param = torch.nn.Parameter(torch.randn(shape, generator=generator))
         param.grad = torch.randn(shape, generator=generator) * 1e-3
@@ -85,7 +88,7 @@ def make_params(big: int, small: int, big_shape: tuple[int, ...], small_numel: i
 
 
 def copies(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    out = []
+    out: list[torch.Tensor] = []
     for p in params:
         q = torch.nn.Parameter(p.detach().clone())
         assert p.grad is not None
@@ -109,11 +112,16 @@ def implementations(
     return built
 
 
-def interleaved_times(optimizers: dict[str, torch.optim.Optimizer], warmup: int, repeat: int) -> dict[str, list[float]]:
-    """Seconds per step of each optimizer, one step of each in turn per round."""
+def interleaved_times(
+    optimizers: dict[str, torch.optim.Optimizer], warmup: int, repeat: int, prelude: Callable[[], Any] | None = None
+) -> dict[str, list[float]]:
+    """Seconds per step of each optimizer, one step of each in turn per round, each step
+    right after ``prelude()`` (untimed) when given."""
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for round_ in range(warmup + repeat):
         for name, optimizer in optimizers.items():
+            if prelude is not None:
+                prelude()
             start = time.perf_counter()
             optimizer.step()
             elapsed = time.perf_counter() - start
@@ -145,6 +153,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--profile", metavar="RULE", default=None, help="profile our step of RULE instead")
     parser.add_argument(
+        "--after-parallel-work",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run a multi-threaded torch operation (untimed) right before each step, as a backward pass "
+        "would (default: on; otherwise each step follows the previous optimizer's step)",
+    )
+    parser.add_argument(
         "--before",
         metavar="SRC",
         default=None,
@@ -165,6 +180,15 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.2f}"
     )
     before = load_before(args.before) if args.before else None
+    prelude = None
+    if args.after_parallel_work:
+        # Like the end of a backward pass: a multi-threaded operation just before each step, so
+        # that every optimizer starts with torch's threads awake (and spinning).
+        source, target = torch.randn(1 << 20), torch.empty(1 << 20)
+
+        def prelude() -> None:
+            torch.mul(source, 1.0, out=target)
+
     ours = [*engines, *(["before"] if before is not None else [])]
     columns = [*ours, "torch foreach", "torch fused"]
     header = ["rule", *(f"{c} ms" for c in columns)]
@@ -173,7 +197,8 @@ def main() -> None:
     widths = [max(len(h), 17) if i == 0 else len(h) for i, h in enumerate(header)]
     print("  ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)), flush=True)
     for rule in args.rules.split(","):
-        times = interleaved_times(implementations(rule, engines, params, before), args.warmup, args.repeat)
+        built = implementations(rule, engines, params, before)
+        times = interleaved_times(built, args.warmup, args.repeat, prelude)
         medians = {name: statistics.median(values) for name, values in times.items()}
         row = [rule] + [f"{medians[c] * 1e3:.1f}" if c in medians else "-" for c in columns]
         for base in ("torch foreach", "torch fused"):
