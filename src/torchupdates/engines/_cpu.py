@@ -9,12 +9,16 @@ single-tensor calls with ``out=`` (:mod:`._program`), which then runs chunk by c
   the parameter, its gradient and its state (when all share dtype and layout): results are
   written straight into the parameter and state;
 * a *staged* chunk packs small tensors (and blocks of large tensors that cannot be viewed
-  alike) into staging buffers with one foreach copy per role, runs there, and copies the new
-  parameters and state back with one foreach copy per role.
+  alike) into staging buffers (one ``torch.cat`` or foreach copy per role), runs there, and
+  copies the new parameters and state back with one foreach copy per role.
 
-Either way a chunk's operands and temporaries (a few scratch buffers, reused by every chunk
-and every step) stay in cache, and nothing is allocated. Every element still goes through
-the same sequence of single IEEE operations as in the reference engine.
+Either way a chunk's operands and temporaries (a few scratch buffers per thread, reused by
+every chunk and every step) stay in cache, and nothing is allocated. A chunk holds at most
+``foreach.CPU_CHUNK_ELEMENTS`` elements, fewer when the program's registers would span more
+than :data:`CHUNK_BYTES`. Chunks run on the calling thread, each operation spread over torch's
+threads, or, for programs taking NumPy's single-threaded square roots, one chunk per worker
+thread (:mod:`._workers`). Every element goes through the same sequence of single IEEE
+operations as in the reference engine, whichever way it runs.
 """
 
 from __future__ import annotations
