@@ -151,7 +151,12 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=188, help="number of small tensors (default 188)")
     parser.add_argument("--small-numel", type=int, default=4096, help="elements of a small tensor (default 4096)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--profile", metavar="RULE", default=None, help="profile our step of RULE instead")
+    parser.add_argument(
+        "--profile",
+        metavar="RULE",
+        default=None,
+        help="profile our step of RULE instead (torch.profiler sees the calling thread only: use --threads 1)",
+    )
     parser.add_argument(
         "--after-parallel-work",
         action=argparse.BooleanOptionalAction,
