@@ -36,6 +36,7 @@ from torch import Tensor
 from .._sqrt import needs_wide_sqrt, numpy_sqrt
 from .._tensorlist import Graph, Scalar, TensorList
 from ._chain import Slot, Stage, run_chain
+from ._flat import dense_strides
 from ._program import Program, compile_program
 from ._workers import run_tasks
 
@@ -48,18 +49,6 @@ def _real(tensor: Tensor) -> Tensor:
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
     return tensor.unsqueeze(0) if tensor.dim() == 0 else tensor
-
-
-def _dense(tensor: Tensor) -> bool:
-    """Whether the elements fill one block of memory without gaps or overlap."""
-    expected = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride(), strict=True), key=lambda pair: pair[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _flat(tensor: Tensor) -> Tensor:
@@ -248,7 +237,9 @@ def _direct(tensors: Sequence[Tensor], dtype: torch.dtype) -> bool:
     one), shape and strides, and dense."""
     first = tensors[0]
     shape, strides = first.shape, first.stride()
-    return _dense(first) and all(t.dtype == dtype and t.shape == shape and t.stride() == strides for t in tensors)
+    return dense_strides(first) is not None and all(
+        t.dtype == dtype and t.shape == shape and t.stride() == strides for t in tensors
+    )
 
 
 def _direct_tasks(job: _Job, tensors: list[Tensor], numel: int) -> list[Callable[[], None]]:
