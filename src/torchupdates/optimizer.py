@@ -253,8 +253,9 @@ class Optimizer(torch.optim.Optimizer):
             :func:`apply_updates`.
         """
         _, loss_or_grads = run_closure(loss_or_grads, closure)
+        traced = self._check_inputs()
         per_slot: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        for batch in self._proposals(loss_or_grads, write=False):
+        for batch in self._proposals(loss_or_grads, write=False, traced=traced):
             per_slot.update(batch)
         # torch's schedulers watch step() to warn when they run before any optimizer step;
         # an update dictionary is a step too, so tell them.
@@ -279,15 +280,18 @@ class Optimizer(torch.optim.Optimizer):
         loss, loss_or_grads = run_closure(loss_or_grads, closure)
         if isinstance(loss_or_grads, Tensor):
             loss = loss_or_grads
-        if loss_or_grads is None and self._step_again():
+        traced = self._check_inputs()
+        if loss_or_grads is None and not traced and self._step_again():
             return loss
         # Batches touch disjoint tensors and every input is checked before the first, so writing
         # each as it comes (hot in cache; the engine may write some itself) is apply(updates(x)).
-        for batch in self._proposals(loss_or_grads, write=True):
+        for batch in self._proposals(loss_or_grads, write=True, traced=traced):
             write_updates(OrderedDict(pair for _, pairs in batch for pair in pairs))
         return loss
 
-    def _proposals(self, loss_or_grads: LossOrGrads, write: bool) -> Iterator[Batch]:
+    def _check_inputs(self) -> bool:
+        """Check the options and every param group (once per step, before anything else) and
+        say whether the step is being traced by torch.compile."""
         # Decided here once and passed down: after a graph break, dynamo compiles callees as
         # frames of their own, which would answer True while this step runs eagerly.
         traced = torch.compiler.is_compiling()
@@ -297,6 +301,10 @@ class Optimizer(torch.optim.Optimizer):
         self._betas.reconcile(self.param_groups)
         for index, group in enumerate(self.param_groups):
             check_group(group, index, self._stages, self.rule_name, traced)
+        return traced
+
+    def _proposals(self, loss_or_grads: LossOrGrads, write: bool, traced: bool) -> Iterator[Batch]:
+        """The engine's batches of one step, from inputs :meth:`_check_inputs` has checked."""
         checked = checked_gradients(loss_or_grads, self.param_groups, self._stages, self.rule_name)
         self._init_group(tuple(position for position, *_ in checked))  # every input checked
         slots = [
@@ -313,15 +321,9 @@ class Optimizer(torch.optim.Optimizer):
     def _step_again(self) -> bool:
         """An engine's steady state: step from ``.grad`` without building slots when the
         engine can prove nothing changed since its last step. Say whether it stepped."""
-        self._check_options()
         repeat = getattr(self._engine_runner(), "repeat", None)
-        if repeat is None or torch.compiler.is_compiling():
+        if repeat is None:
             return False
-        self._check_keys()
-        self._check_params()
-        self._betas.reconcile(self.param_groups)
-        for index, group in enumerate(self.param_groups):
-            check_group(group, index, self._stages, self.rule_name)
         live = [[p for p in group["params"] if p.grad is not None and p.requires_grad] for group in self.param_groups]
         with torch.no_grad():
             return bool(repeat(self._stages, live, self.state, stage_values(self.param_groups, self._stages)))

@@ -100,7 +100,7 @@ class FlatBucket:
         params: Sequence[Tensor],
         roles: dict[str, torch.dtype],
         device: torch.device,
-        parallel_elements: int = 1 << 16,
+        parallel_elements: int,
     ) -> None:
         self.params = list(params)
         self.spans: list[Span] = []
@@ -133,7 +133,7 @@ class FlatBucket:
         held = self._held.setdefault(key, [None] * len(self.params))
         adopted = True
         for i, counter in enumerate(counters):
-            if counter is held[i] and counter.data_ptr() == buffer.data_ptr() + 8 * i:
+            if counter is held[i] and counter.data_ptr() == buffer.data_ptr() + buffer.element_size() * i:
                 continue
             if type(counter) in PLAIN_TENSORS and counter.dtype == torch.int64 and counter.device == buffer.device:
                 counter.data = buffer.as_strided((), (), i)

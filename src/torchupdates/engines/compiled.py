@@ -32,23 +32,13 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .._tensorlist import Graph, TensorList
+from .._tensorlist import ELEMENTWISE, Graph, TensorList
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain
 from ._flat import PLAIN_TENSORS, FlatBucket, local, real
 from .reference import propose_reference
 
 __all__ = ["CompiledEngine", "CompilerMissingError", "require_compiler"]
 
-_FUNCTIONS = {
-    "add": "torch.add",
-    "sub": "torch.sub",
-    "mul": "torch.mul",
-    "div": "torch.div",
-    "maximum": "torch.maximum",
-    "neg": "torch.neg",
-    "abs": "torch.abs",
-    "sqrt": "torch.sqrt",
-}
 # emulate_precision_casts: on CUDA, no contraction into FMA (and casts as eager rounds them).
 _COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"emulate_precision_casts": True}
 # On CPU a kernel is parallel or not by the length it was first compiled for; one kernel serves
@@ -71,6 +61,9 @@ class CompilerMissingError(RuntimeError):
 
 @functools.cache
 def _cpp_compiler(search: tuple[str | None, ...]) -> str | None:
+    """The C++ compiler Inductor finds, or None. ``search`` is Inductor's search list
+    (``config.cpp.cxx``): not read here, it keys the cache, so a changed setting is looked up
+    again while each setting costs one look-up per process."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -146,9 +139,9 @@ class _Program:
                 # Eager torch computes a 16-bit operation in float32 (scalars unrounded) and
                 # rounds its result once: the same here, so that fused operations still round
                 # one by one.
-                call = f"{_FUNCTIONS[node.op]}({', '.join(f'{a}.float()' for a in args)}).to({work_dtype})"
+                call = f"op_{node.op}({', '.join(f'{a}.float()' for a in args)}).to({work_dtype})"
             else:
-                call = f"{_FUNCTIONS[node.op]}({', '.join(args)})"
+                call = f"op_{node.op}({', '.join(args)})"
             body.append(f"    v{node.index} = {call}")
         inputs = [*leaves, *(f"c{k}" for k in range(len(self.coefficients)))]
         self.results = {role: names[node.index] for role, node in outputs.items()}
@@ -169,7 +162,9 @@ class _Program:
 @functools.cache
 def _compiled(source: str, parallel: bool) -> Callable[..., Any]:
     """Compile a kernel's source once per process (Inductor caches its code on disk too)."""
-    namespace: dict[str, Any] = {"torch": torch}
+    # The kernel calls each operation as ``op_<name>``: the one table of what a recorded
+    # operation computes (``_tensorlist.ELEMENTWISE``).
+    namespace: dict[str, Any] = {"torch": torch, **{f"op_{name}": fn for name, fn in ELEMENTWISE.items()}}
     exec(compile(source, f"<torchupdates kernel {hash(source) & 0xFFFFFFFF:08x}>", "exec"), namespace)
     options = {**_COMPILE_OPTIONS, **_THREADS[parallel]}
     return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=options)
@@ -185,6 +180,16 @@ def _batch_key(slot: Slot) -> tuple[Any, ...]:
         slot.applies,
         tuple(slot.state),
     )
+
+
+def _point_grad_at(param: Tensor, view: Tensor) -> bool:
+    """Make ``param.grad`` the bucket's ``view`` (its values already copied there) when the
+    gradient is a plain tensor laid out like the view; say whether it was."""
+    grad = param.grad
+    if grad is None or type(grad) not in PLAIN_TENSORS or view.stride() != grad.stride():
+        return False
+    param.grad = view
+    return True
 
 
 def _addresses(tensors: Sequence[Tensor]) -> list[int]:
@@ -264,11 +269,9 @@ class _Run:
     def copy_grads(self, moved: Sequence[int]) -> None:
         """Copy the new gradients of ``moved`` members in, and make ``.grad`` the views."""
         views = [self.bucket.view("grad", i) for i in moved]
-        grads = [cast(Tensor, self.params[i].grad) for i in moved]
-        torch._foreach_copy_(views, grads)
-        for i, view, grad in zip(moved, views, grads, strict=True):
-            if view.stride() == grad.stride():
-                self.params[i].grad = view
+        torch._foreach_copy_(views, [cast(Tensor, self.params[i].grad) for i in moved])
+        for i, view in zip(moved, views, strict=True):
+            if _point_grad_at(self.params[i], view):
                 self.grads[i] = view
 
     def steps(self, stages: Sequence[Stage]) -> tuple[int | None, ...]:
@@ -461,14 +464,7 @@ class CompiledEngine:
             for i in moved_grads:
                 slot = members[i]
                 # Only .grad is ours to re-point; a gradient passed to step() is the caller's.
-                view = bucket.view("grad", i)
-                if (
-                    slot.grad is slot.param.grad
-                    and type(slot.grad) in PLAIN_TENSORS
-                    and view.stride() == slot.grad.stride()
-                ):
-                    slot.param.grad = view
-                else:
+                if slot.grad is not slot.param.grad or not _point_grad_at(slot.param, bucket.view("grad", i)):
                     adopted = False
             first = members[0]
             for stage, t in zip(stages, first.steps, strict=True):
