@@ -207,6 +207,7 @@ class Optimizer(torch.optim.Optimizer):
         if unknown and (not self.__dict__.get("_constructing") or not all(map(MODIFIER_KEY.fullmatch, unknown))):
             raise unknown_keys_error(len(self.param_groups), unknown, self.defaults, self.rule_name)
         super().add_param_group(group)
+        self._params_seen = [tuple(group["params"]) for group in self.param_groups]  # all checked
         if unknown:
             self._pending_keys[len(self.param_groups) - 1] = unknown
         self._betas.added(group)

@@ -14,13 +14,16 @@ is a new input, never a new kernel, so schedulers and in-place changes do not re
 
 Exactness: each recorded operation is one IEEE operation per element, in the formula's
 order. Inductor's C++ is built without FMA contraction and its square root is correctly
-rounded; on CUDA, contraction of ``a * b + c`` into FMA is turned off for these kernels
-(``emulate_precision_casts``). So float32 results equal the eager engines' bit for bit.
+rounded; on CUDA, these kernels turn off the contraction of ``a * b + c`` into FMA
+(``emulate_precision_casts``) and divide with IEEE rounding as eager CUDA does (Triton's
+``/`` is an approximation unless ``eager_numerics.division_rounding`` is set). So float32
+results equal the eager engines' bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
+import linecache
 import operator
 import shutil
 from collections import defaultdict
@@ -40,7 +43,16 @@ from .reference import propose_reference
 __all__ = ["CompiledEngine", "CompilerMissingError", "require_compiler"]
 
 # emulate_precision_casts: on CUDA, no contraction into FMA (and casts as eager rounds them).
-_COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"emulate_precision_casts": True}
+# pattern_matcher off: among its rewrites, torch before 2.12 drops a float32 -> 16-bit ->
+# float32 round trip, the rounding that makes a fused 16-bit step round as eager does. An
+# elementwise kernel has nothing else for it to rewrite.
+_COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
+    "emulate_precision_casts": True,
+    "pattern_matcher": False,
+}
+# On CUDA, eager torch divides with IEEE rounding and keeps subnormals; Triton's defaults do
+# neither. These settings exist in recent torch only; older Inductor has no way to ask.
+_EAGER_NUMERICS = ("division_rounding", "disable_ftz")
 # On CPU a kernel is parallel or not by the length it was first compiled for; one kernel serves
 # buckets of every length, so the choice is made here: threads for long buffers (whatever
 # length came first), one thread for short ones (where waking threads costs more than it saves,
@@ -105,6 +117,33 @@ def _coefficient(value: object, device: torch.device) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
+def _rounded(expression: str, dtype: torch.dtype) -> str:
+    """Kernel source rounding ``expression`` to the 16-bit ``dtype``."""
+    return f"{expression}.to({dtype})"
+
+
+def _kind(scalar: object) -> tuple[torch.dtype, str] | None:
+    """How eager torch sees a scalar operand: a Python number (None) or a 0-d tensor."""
+    return (scalar.dtype, scalar.device.type) if isinstance(scalar, Tensor) else None
+
+
+@functools.cache
+def _eager_rounds_scalar(
+    op: str, dtype: torch.dtype, device: torch.device, kind: tuple[torch.dtype, str] | None
+) -> bool:
+    """Whether eager ``op(tensor, scalar)`` on a 16-bit tensor rounds the scalar to ``dtype``
+    before computing in float32, as found by trying it once per process. Torch is not
+    uniform: on CPU ``add`` and ``sub`` round a scalar, ``mul`` and ``div`` do not; on CUDA a
+    Python number is not rounded and a 0-d tensor on the device is."""
+    if op not in ("add", "sub", "mul", "div"):
+        return False
+    tensor = torch.linspace(-3.0, 3.0, 4097, device=device).to(dtype)
+    probe = 0.3  # representable in neither 16-bit format
+    scalar = probe if kind is None else torch.tensor(probe, dtype=kind[0], device=kind[1])
+    rounded = ELEMENTWISE[op](tensor.float(), float(torch.tensor(probe, dtype=dtype))).to(dtype)
+    return torch.equal(ELEMENTWISE[op](tensor, scalar), rounded)
+
+
 class _Program:
     """One step's formulas as kernel source, and the coefficients to call it with."""
 
@@ -131,15 +170,17 @@ class _Program:
             for arg in node.args:
                 if isinstance(arg, TensorList):
                     args.append(names[arg.index])
-                else:
-                    args.append(f"c{len(self.coefficients)}")
-                    self.coefficients.append(_coefficient(arg, device))
+                    continue
+                name = f"c{len(self.coefficients)}"
+                self.coefficients.append(_coefficient(arg, device))
+                if work_dtype in _OPMATH_FLOAT32 and _eager_rounds_scalar(node.op, work_dtype, device, _kind(arg)):
+                    name = _rounded(name, work_dtype)
+                args.append(name)
             names[node.index] = f"v{node.index}"
             if work_dtype in _OPMATH_FLOAT32:
-                # Eager torch computes a 16-bit operation in float32 (scalars unrounded) and
-                # rounds its result once: the same here, so that fused operations still round
-                # one by one.
-                call = f"op_{node.op}({', '.join(f'{a}.float()' for a in args)}).to({work_dtype})"
+                # Eager torch computes a 16-bit operation in float32 and rounds its result
+                # once: the same here, so that fused operations still round one by one.
+                call = _rounded(f"op_{node.op}({', '.join(f'{a}.float()' for a in args)})", work_dtype)
             else:
                 call = f"op_{node.op}({', '.join(args)})"
             body.append(f"    v{node.index} = {call}")
@@ -165,9 +206,21 @@ def _compiled(source: str, parallel: bool) -> Callable[..., Any]:
     # The kernel calls each operation as ``op_<name>``: the one table of what a recorded
     # operation computes (``_tensorlist.ELEMENTWISE``).
     namespace: dict[str, Any] = {"torch": torch, **{f"op_{name}": fn for name, fn in ELEMENTWISE.items()}}
-    exec(compile(source, f"<torchupdates kernel {hash(source) & 0xFFFFFFFF:08x}>", "exec"), namespace)
-    options = {**_COMPILE_OPTIONS, **_THREADS[parallel]}
-    return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=options)
+    filename = f"<torchupdates kernel {hash(source) & 0xFFFFFFFF:08x}>"
+    # Known to linecache, the source shows in tracebacks, and torch.compile sees a function
+    # with a source file: torch before 2.12 wraps a function without one in a helper that
+    # every such function shares, so all kernels would count against one recompile limit.
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    exec(compile(source, filename, "exec"), namespace)
+    return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=_compile_options(parallel))
+
+
+def _compile_options(parallel: bool) -> dict[str, str | int | bool | Callable[..., Any]]:
+    from torch._inductor import config
+
+    numerics = getattr(config, "eager_numerics", None)
+    exact = {f"eager_numerics.{name}": True for name in _EAGER_NUMERICS if hasattr(numerics, name)}
+    return {**_COMPILE_OPTIONS, **exact, **_THREADS[parallel]}
 
 
 def _batch_key(slot: Slot) -> tuple[Any, ...]:
