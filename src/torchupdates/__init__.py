@@ -13,7 +13,7 @@ Build an optimizer once from the parameters, then step it::
 from .apply import apply_updates
 from .constraints import norm_constraint, total_norm_constraint
 from .grads import get_or_compute_grads
-from .modifiers import apply_momentum, apply_nesterov_momentum
+from .modifiers import apply_momentum, apply_nesterov_momentum, apply_norm_constraint
 from .optimizer import Optimizer
 from .rules import adadelta, adagrad, adam, adamax, amsgrad, momentum, nesterov_momentum, rmsprop, sgd
 
@@ -28,6 +28,7 @@ __all__ = [
     "amsgrad",
     "apply_momentum",
     "apply_nesterov_momentum",
+    "apply_norm_constraint",
     "apply_updates",
     "get_or_compute_grads",
     "momentum",

@@ -3,8 +3,9 @@
 On top of torch's state dict: the chain's name under ``"rule"`` (a state dict saved from
 another rule is refused with a message, not loaded into the wrong keys), the optimizer's
 ``state_dtype`` under ``"state_dtype"`` (a dtype name such as ``"float32"``, or ``None``),
-state kept in a wider ``state_dtype`` restored in that dtype, and 0-d tensor hyperparameters
-that keep their identity (the loaded value is written into the tensor the user holds).
+the number of steps ``skip_nonfinite`` skipped under ``"skipped_steps"``, state kept in a
+wider ``state_dtype`` restored in that dtype, and 0-d tensor hyperparameters that keep their
+identity (the loaded value is written into the tensor the user holds).
 
 Everything is checked before anything is loaded, so a state dict that does not fit raises
 and leaves the optimizer as it was: the groups (their number and sizes, every hyperparameter
@@ -35,19 +36,23 @@ from .transform import check_hyperparameter, check_hyperparameter_device
 if TYPE_CHECKING:
     from .optimizer import Optimizer
 
-__all__ = ["STATE_DTYPE", "check_loaded_state", "load_state_dict", "state_dict"]
+__all__ = ["SKIPPED_STEPS", "STATE_DTYPE", "check_loaded_state", "load_state_dict", "state_dict"]
 
 STATE_DTYPE = "state_dtype"
 """The state dict's key for the optimizer's ``state_dtype``: a dtype name or ``None``."""
 
+SKIPPED_STEPS = "skipped_steps"
+"""The state dict's key for :attr:`Optimizer.skipped_steps` (absent: 0)."""
+
 
 def state_dict(optimizer: Optimizer) -> dict[str, Any]:
-    """torch's state dict of ``optimizer`` plus ``"rule"`` (its chain's name) and
-    ``"state_dtype"`` (``"float32"``, ..., or ``None``)."""
+    """torch's state dict of ``optimizer`` plus ``"rule"`` (its chain's name),
+    ``"state_dtype"`` (``"float32"``, ..., or ``None``) and ``"skipped_steps"``."""
     saved = torch.optim.Optimizer.state_dict(optimizer)
     saved["rule"] = optimizer.rule_name
     state_dtype = optimizer.state_dtype
     saved[STATE_DTYPE] = None if state_dtype is None else str(state_dtype).removeprefix("torch.")
+    saved[SKIPPED_STEPS] = optimizer.skipped_steps
     return saved
 
 
@@ -67,6 +72,7 @@ def load_state_dict(optimizer: Optimizer, saved: dict[str, Any]) -> None:
         for group in optimizer.param_groups
     ]
     torch.optim.Optimizer.load_state_dict(optimizer, saved)
+    optimizer.skipped_steps = saved.get(SKIPPED_STEPS, 0)
     for group, tensors in zip(optimizer.param_groups, held, strict=True):
         for key, tensor in tensors.items():
             loaded = group.get(key)
@@ -106,6 +112,9 @@ def check_loaded_state(saved: Mapping[str, Any], optimizer: Optimizer) -> None:
         or not isinstance(saved.get("param_groups"), (list, tuple))
     ):
         raise ValueError("not an optimizer state dict: it needs 'state' (a dict) and 'param_groups' (a list)")
+    skipped = saved.get(SKIPPED_STEPS, 0)
+    if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
+        raise ValueError(f"the state dict's {SKIPPED_STEPS!r} must be an int >= 0, got {skipped!r}")
     saved_rule = saved.get("rule")
     if saved_rule is not None and saved_rule != rule_name:
         raise ValueError(f"the state dict was saved from {saved_rule}, this optimizer is {rule_name}")

@@ -11,7 +11,7 @@ from torch import Tensor
 from ._tensorlist import Scalar
 from .transform import NON_NEGATIVE, Hyperparameter, check_hyperparameter
 
-__all__ = ["norm_constraint", "total_norm_constraint"]
+__all__ = ["check_norm_axes", "norm_constraint", "total_norm_constraint"]
 
 _MAX_NORM = Hyperparameter("max_norm", None, NON_NEGATIVE)
 _EPSILON = Hyperparameter("epsilon", None, NON_NEGATIVE)
@@ -61,7 +61,10 @@ def _check_tensor(name: str, tensor: object) -> Tensor:
     return tensor
 
 
-def _norm_axes(ndim: int, norm_axes: Sequence[int] | None) -> tuple[int, ...]:
+def check_norm_axes(ndim: int, norm_axes: Sequence[int] | int | None) -> tuple[int, ...]:
+    """The axes of the norm of an ``ndim``-d tensor, each in ``range(ndim)``: ``norm_axes``
+    checked, or the default (every axis but 0, for 2 to 5 dimensions). ``ValueError``
+    otherwise."""
     if norm_axes is None:
         if 2 <= ndim <= 5:
             return tuple(range(1, ndim))
@@ -136,7 +139,7 @@ def norm_constraint(
     tensor = _check_tensor("tensor", tensor)
     check_hyperparameter("norm_constraint", _MAX_NORM, max_norm)
     check_hyperparameter("norm_constraint", _EPSILON, epsilon)
-    axes = _norm_axes(tensor.dim(), norm_axes)
+    axes = check_norm_axes(tensor.dim(), norm_axes)
     norms = torch.sqrt(_sum_of_squares(tensor, axes))
     norms = _without_overflow(
         norms, _largest_magnitude(tensor, axes), lambda scale: _sum_of_squares(tensor / scale, axes)

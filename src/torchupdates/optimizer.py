@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +23,8 @@ from ._groups import (
     unknown_keys,
     unknown_keys_error,
 )
+from ._guards import all_finite, check_guard_options, clip
+from ._segments import is_per_tensor, run_in_segments
 from ._slots import LossOrGrads, checked_gradients, init_state, make_slot, run_closure, traced_batches
 from .apply import write_updates
 from .engines import ENGINES, Batch, Engine, Stage
@@ -60,6 +63,14 @@ class Optimizer(torch.optim.Optimizer):
         Dtype for state and arithmetic of parameters of lower precision, e.g.
         ``torch.float32`` for bfloat16 parameters. Parameters of this or higher precision
         keep their own dtype. Default: every parameter's own dtype.
+    skip_nonfinite : bool, optional
+        Skip a step whose gradients (after clipping) hold a NaN or an infinity: nothing is
+        written, state and step counters included, and :attr:`skipped_steps` counts it.
+        Default False.
+    max_grad_norm : float or 0-d Tensor, optional
+        Rescale the gradients of every parameter the step updates to a joint norm of at
+        most this, as :func:`total_norm_constraint` does, before the rule sees them;
+        :attr:`grad_norm` is their norm before rescaling. Default None (no clipping).
     **hyperparameters
         Values for the rule's hyperparameters (Python numbers or 0-d tensors).
 
@@ -99,11 +110,20 @@ class Optimizer(torch.optim.Optimizer):
         *,
         engine: str = "foreach",
         state_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
+        max_grad_norm: float | Tensor | None = None,
         _chain: tuple[tuple[Stage, ...], dict[str, Any]] | None = None,
         **hyperparameters: Any,
     ) -> None:
         self.engine = engine
         self.state_dtype = state_dtype
+        self.skip_nonfinite = skip_nonfinite
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm: Tensor | None = None
+        """The joint norm of the last step's gradients before clipping (a 0-d tensor, read
+        without a host sync), or ``None`` before the first step and without ``max_grad_norm``."""
+        self.skipped_steps = 0
+        """Steps skipped by ``skip_nonfinite`` (saved in the state dict)."""
         self._check_options()
         if _chain is None:
             stage = make_stage(rule, (), (), None)
@@ -147,8 +167,11 @@ class Optimizer(torch.optim.Optimizer):
             self._stages[0].transform,
             engine=self.engine,
             state_dtype=self.state_dtype,
+            skip_nonfinite=self.skip_nonfinite,
+            max_grad_norm=self.max_grad_norm,
             _chain=((*self._stages, stage), defaults),
         )
+        composed.skipped_steps, composed.grad_norm = self.skipped_steps, self.grad_norm
         pending = self.__dict__.get("_pending_keys", {})
         for index, keys in composed._pending_keys.items():
             if keys & pending.get(index, frozenset()):
@@ -164,6 +187,10 @@ class Optimizer(torch.optim.Optimizer):
         state.update(
             engine=self.engine,
             state_dtype=self.state_dtype,
+            skip_nonfinite=self.skip_nonfinite,
+            max_grad_norm=self.max_grad_norm,
+            grad_norm=self.grad_norm,
+            skipped_steps=self.skipped_steps,
             _stages=self._stages,
             _betas=self._betas,
             _pending_keys=self.__dict__.get("_pending_keys", {}),
@@ -221,6 +248,7 @@ class Optimizer(torch.optim.Optimizer):
             isinstance(self.state_dtype, torch.dtype) and self.state_dtype.is_floating_point
         ):
             raise TypeError(f"state_dtype must be a floating-point torch.dtype, got {self.state_dtype!r}")
+        check_guard_options(self.skip_nonfinite, self.max_grad_norm)
 
     def _check_engine(self) -> None:
         """Raise now, not at the first step, when the engine cannot run here (a compiled
@@ -305,9 +333,19 @@ class Optimizer(torch.optim.Optimizer):
         return traced
 
     def _proposals(self, loss_or_grads: LossOrGrads, write: bool, traced: bool) -> Iterator[Batch]:
-        """The engine's batches of one step, from inputs :meth:`_check_inputs` has checked."""
-        checked = checked_gradients(loss_or_grads, self.param_groups, self._stages, self.rule_name)
+        """The engine's batches of one step, from inputs :meth:`_check_inputs` has checked;
+        none when ``skip_nonfinite`` skips the step."""
+        checked = self._guarded(checked_gradients(loss_or_grads, self.param_groups, self._stages, self.rule_name))
+        if checked is None:
+            return
         self._init_group(tuple(position for position, *_ in checked))  # every input checked
+        if any(map(is_per_tensor, self._stages)):
+            propose = traced_batches if traced else functools.partial(self._engine_runner(), write=False)
+            with torch.no_grad():
+                yield run_in_segments(
+                    self._stages, checked, self.state, self.param_groups, self.state_dtype, traced, propose
+                )
+            return
         slots = [
             make_slot(position, group, param, grad, self.state[param], self._stages, self.state_dtype, traced)
             for position, group, param, grad in checked
@@ -319,13 +357,30 @@ class Optimizer(torch.optim.Optimizer):
                 return
             yield from traced_batches(self._stages, slots, values)
 
+    def _guarded(self, checked: list[tuple[int, int, Tensor, Tensor]]) -> list[tuple[int, int, Tensor, Tensor]] | None:
+        """The step's checked gradients after ``max_grad_norm`` and ``skip_nonfinite``
+        (see :mod:`torchupdates._guards`), or None for a skipped step (counted)."""
+        if (self.max_grad_norm is None and not self.skip_nonfinite) or not checked:
+            return checked
+        grads = [grad for *_, grad in checked]
+        if self.max_grad_norm is not None:
+            grads, self.grad_norm = clip(grads, self.max_grad_norm)
+        if self.skip_nonfinite and not all_finite(grads):
+            self.skipped_steps += 1
+            return None
+        return [(*entry[:3], grad) for entry, grad in zip(checked, grads, strict=True)]
+
     def _step_again(self) -> bool:
         """An engine's steady state: step from ``.grad`` without building slots when the
-        engine can prove nothing changed since its last step. Say whether it stepped."""
+        engine can prove nothing changed since its last step. Say whether it stepped
+        (or skipped the step: ``skip_nonfinite``)."""
         repeat = getattr(self._engine_runner(), "repeat", None)
-        if repeat is None:
+        if repeat is None or self.max_grad_norm is not None or any(map(is_per_tensor, self._stages)):
             return False
         live = [[p for p in group["params"] if p.grad is not None and p.requires_grad] for group in self.param_groups]
+        if self.skip_nonfinite and not all_finite([p.grad for params in live for p in params]):
+            self.skipped_steps += 1
+            return True
         with torch.no_grad():
             return bool(repeat(self._stages, live, self.state, stage_values(self.param_groups, self._stages)))
 

@@ -184,6 +184,17 @@ engine : {"foreach", "reference", "compiled"}, optional, keyword only
 state_dtype : torch.dtype, optional, keyword only
     Keep state (and the arithmetic) in this dtype, e.g. ``torch.float32`` for bfloat16
     parameters. Default: the parameter's dtype.""",
+    "skip_nonfinite": """\
+skip_nonfinite : bool, optional, keyword only
+    Skip a step whose gradients (after any clipping) hold a NaN or an infinity: it writes
+    nothing (parameters, state, step counters), and ``opt.skipped_steps`` counts it (saved
+    in the state dict). One check per step. Default False, as Lasagne.""",
+    "max_grad_norm": """\
+max_grad_norm : float or 0-d Tensor, optional, keyword only
+    Clip the gradients before the rule: rescale them all together exactly as
+    ``total_norm_constraint(grads, max_grad_norm)`` does (over every parameter the step
+    updates; for FSDP2's DTensors, over every rank's shards). ``opt.grad_norm`` holds the
+    norm before clipping of the last step, a 0-d tensor. Default None (no clipping).""",
 }
 """Numpydoc entries of the parameters that every rule function takes, written once.
 
@@ -259,6 +270,8 @@ def sgd(
     lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
+    max_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""Stochastic gradient descent.
 
@@ -273,6 +286,8 @@ def sgd(
     {lr}
     {engine}
     {state_dtype}
+    {skip_nonfinite}
+    {max_grad_norm}
 
     Returns
     -------
@@ -284,7 +299,15 @@ def sgd(
     .. [1] Robbins, H. and Monro, S. (1951): A stochastic approximation method.
        The Annals of Mathematical Statistics, 22(3):400-407.
     """
-    return Optimizer(params, SGD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate)
+    return Optimizer(
+        params,
+        SGD,
+        engine=engine,
+        state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
+        max_grad_norm=max_grad_norm,
+        learning_rate=learning_rate,
+    )
 
 
 @_public
@@ -296,6 +319,8 @@ def momentum(
     lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
+    max_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""SGD with (heavy-ball) momentum: :func:`sgd` followed by :func:`apply_momentum`.
 
@@ -320,6 +345,8 @@ def momentum(
     {lr}
     {engine}
     {state_dtype}
+    {skip_nonfinite}
+    {max_grad_norm}
 
     Returns
     -------
@@ -331,7 +358,15 @@ def momentum(
     .. [1] Polyak, B. T. (1964): Some methods of speeding up the convergence of iteration
        methods. USSR Computational Mathematics and Mathematical Physics, 4(5):1-17.
     """
-    base = Optimizer(params, SGD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate)
+    base = Optimizer(
+        params,
+        SGD,
+        engine=engine,
+        state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
+        max_grad_norm=max_grad_norm,
+        learning_rate=learning_rate,
+    )
     return base.compose(MOMENTUM, None, momentum=momentum)
 
 
@@ -344,6 +379,8 @@ def nesterov_momentum(
     lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
+    max_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""SGD with Nesterov momentum: :func:`sgd` followed by :func:`apply_nesterov_momentum`.
 
@@ -368,6 +405,8 @@ def nesterov_momentum(
     {lr}
     {engine}
     {state_dtype}
+    {skip_nonfinite}
+    {max_grad_norm}
 
     Returns
     -------
@@ -381,7 +420,15 @@ def nesterov_momentum(
     .. [2] Bengio, Y., Boulanger-Lewandowski, N. and Pascanu, R. (2013): Advances in
        optimizing recurrent networks. ICASSP 2013, arXiv:1212.0901.
     """
-    base = Optimizer(params, SGD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate)
+    base = Optimizer(
+        params,
+        SGD,
+        engine=engine,
+        state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
+        max_grad_norm=max_grad_norm,
+        learning_rate=learning_rate,
+    )
     return base.compose(NESTEROV_MOMENTUM, None, momentum=momentum)
 
 
@@ -394,6 +441,8 @@ def adagrad(
     lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
+    max_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""Adagrad: per-element step sizes shrinking with the accumulated squared gradients.
 
@@ -414,6 +463,8 @@ def adagrad(
     {lr}
     {engine}
     {state_dtype}
+    {skip_nonfinite}
+    {max_grad_norm}
 
     Returns
     -------
@@ -427,7 +478,14 @@ def adagrad(
     .. [2] Dyer, C.: Notes on AdaGrad. http://www.ark.cs.cmu.edu/cdyer/adagrad.pdf
     """
     return Optimizer(
-        params, ADAGRAD, engine=engine, state_dtype=state_dtype, learning_rate=learning_rate, epsilon=epsilon
+        params,
+        ADAGRAD,
+        engine=engine,
+        state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
+        max_grad_norm=max_grad_norm,
+        learning_rate=learning_rate,
+        epsilon=epsilon,
     )
 
 
@@ -441,6 +499,8 @@ def rmsprop(
     lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
+    max_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""RMSProp: divide the step by a moving root mean square of the gradients.
 
@@ -461,6 +521,8 @@ def rmsprop(
     {lr}
     {engine}
     {state_dtype}
+    {skip_nonfinite}
+    {max_grad_norm}
 
     Returns
     -------
@@ -477,6 +539,8 @@ def rmsprop(
         RMSPROP,
         engine=engine,
         state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
+        max_grad_norm=max_grad_norm,
         learning_rate=learning_rate,
         rho=rho,
         epsilon=epsilon,
@@ -493,6 +557,8 @@ def adadelta(
     lr: Scalar | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
+    max_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""Adadelta: step sizes from the ratio of past update and gradient magnitudes.
 
@@ -517,6 +583,8 @@ def adadelta(
     {lr}
     {engine}
     {state_dtype}
+    {skip_nonfinite}
+    {max_grad_norm}
 
     Returns
     -------
@@ -533,6 +601,8 @@ def adadelta(
         ADADELTA,
         engine=engine,
         state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
+        max_grad_norm=max_grad_norm,
         learning_rate=learning_rate,
         rho=rho,
         epsilon=epsilon,
@@ -551,6 +621,8 @@ def adam(
     betas: tuple[Scalar, Scalar] | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
+    max_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""Adam: steps from bias-corrected moving moments of the gradient.
 
@@ -581,6 +653,8 @@ def adam(
     {betas}
     {engine}
     {state_dtype}
+    {skip_nonfinite}
+    {max_grad_norm}
 
     Returns
     -------
@@ -597,6 +671,8 @@ def adam(
         ADAM,
         engine=engine,
         state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
+        max_grad_norm=max_grad_norm,
         learning_rate=learning_rate,
         beta1=beta1,
         beta2=beta2,
@@ -616,6 +692,8 @@ def adamax(
     betas: tuple[Scalar, Scalar] | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
+    max_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""Adamax: the Adam variant based on the infinity norm.
 
@@ -640,6 +718,8 @@ def adamax(
     {betas}
     {engine}
     {state_dtype}
+    {skip_nonfinite}
+    {max_grad_norm}
 
     Returns
     -------
@@ -656,6 +736,8 @@ def adamax(
         ADAMAX,
         engine=engine,
         state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
+        max_grad_norm=max_grad_norm,
         learning_rate=learning_rate,
         beta1=beta1,
         beta2=beta2,
@@ -675,6 +757,8 @@ def amsgrad(
     betas: tuple[Scalar, Scalar] | None = None,
     engine: str = "foreach",
     state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
+    max_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""AMSGrad: Adam whose step uses the running maximum of the second moment.
 
@@ -700,6 +784,8 @@ def amsgrad(
     {betas}
     {engine}
     {state_dtype}
+    {skip_nonfinite}
+    {max_grad_norm}
 
     Returns
     -------
@@ -716,6 +802,8 @@ def amsgrad(
         AMSGRAD,
         engine=engine,
         state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
+        max_grad_norm=max_grad_norm,
         learning_rate=learning_rate,
         beta1=beta1,
         beta2=beta2,

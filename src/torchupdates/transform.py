@@ -97,6 +97,10 @@ class Transform:
         Whether the formula needs the step number ``t`` (bias corrections).
     accepts_sparse : bool
         Whether sparse gradients may be used (they are densified; the math is unchanged).
+    per_tensor : bool
+        Whether the formula needs whole tensors (a norm over a slice), so that the engines
+        cannot run it element by element: the optimizer runs it on each tensor between
+        engine runs of the other stages.
     """
 
     name: str
@@ -105,6 +109,7 @@ class Transform:
     formula: Formula
     counts_steps: bool = False
     accepts_sparse: bool = False
+    per_tensor: bool = False
 
 
 def check_hyperparameter(owner: str, spec: Hyperparameter, value: Any, *, read_tensors: bool = True) -> None:

@@ -1,0 +1,64 @@
+"""Step guards: the gradient clipping (``max_grad_norm``) and the non-finite check
+(``skip_nonfinite``) that a step runs on its gradients before any rule sees them.
+
+Both act on the step's gradients as a whole, after every gradient was checked and before any
+state is created or written:
+
+- clipping is :func:`~torchupdates.total_norm_constraint` of the gradients of every
+  parameter the step updates, with its default epsilon. So a step with ``max_grad_norm=c``
+  equals, bit for bit, ``opt.step(total_norm_constraint(grads, c))`` on an optimizer
+  without it. For DTensor gradients (FSDP2) the norm is over every shard of every rank.
+- the check asks whether any gradient (after clipping) holds a NaN or an infinity. It is
+  one pass over the gradients and one read of the answer on the host per step: for each
+  gradient ``sum(g * 0)``, which is 0 when ``g`` is finite and NaN otherwise (``inf * 0`` is
+  NaN), so no sum of large finite values can overflow into a false alarm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from .constraints import total_norm_constraint
+
+__all__ = ["all_finite", "check_guard_options", "clip"]
+
+
+def check_guard_options(skip_nonfinite: object, max_grad_norm: object) -> None:
+    """Raise a ``TypeError`` or ``ValueError`` naming the option unless both are valid."""
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+    if max_grad_norm is None:
+        return
+    if isinstance(max_grad_norm, Tensor):
+        if max_grad_norm.dim() != 0 or not max_grad_norm.is_floating_point():
+            raise TypeError(f"max_grad_norm must be a number or a floating-point 0-d tensor, got {max_grad_norm!r}")
+        value = float(max_grad_norm)
+    elif isinstance(max_grad_norm, Real) and not isinstance(max_grad_norm, bool):
+        value = float(max_grad_norm)
+    else:
+        raise TypeError(f"max_grad_norm must be None, a number or a 0-d tensor, got {type(max_grad_norm).__name__}")
+    if not value > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (or None: no clipping), got {value!r}")
+
+
+def clip(grads: Sequence[Tensor], max_grad_norm: float | Tensor) -> tuple[list[Tensor], Tensor]:
+    """The gradients rescaled to a joint norm of at most ``max_grad_norm``, and their joint
+    norm before rescaling (a 0-d tensor): :func:`~torchupdates.total_norm_constraint`."""
+    clipped, norm = total_norm_constraint(grads, max_grad_norm, return_norm=True)
+    return clipped, norm
+
+
+def all_finite(grads: Sequence[Tensor]) -> bool:
+    """Whether every element of every gradient is finite (all ranks' shards of a DTensor)."""
+    if not grads:
+        return True
+    probes = [torch.sum(grad * 0) for grad in grads]
+    total = probes[0]
+    for probe in probes[1:]:
+        total = total + probe.to(total.device)
+    local = total.full_tensor() if hasattr(total, "full_tensor") else total
+    return bool(torch.isfinite(local))

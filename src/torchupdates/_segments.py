@@ -1,0 +1,89 @@
+"""Chains with a per-tensor stage (:func:`~torchupdates.apply_norm_constraint`), run in segments.
+
+The engines run chains of elementwise formulas. A norm constraint is not elementwise (each
+output element depends on a whole slice of the proposal), so a chain that holds one is cut
+there: the engine runs the elementwise stages before it on the gradients, as for
+:meth:`~torchupdates.Optimizer.updates` (nothing written), the constraint rescales each
+selected parameter's proposal as a whole tensor, and the engine runs the stages after it with
+that proposal as their incoming value. The pieces are the same operations as editing the
+update dictionary by hand: with the constraint last, a step equals
+``upd = opt.updates(x); upd[p] = norm_constraint(upd[p], ...)`` and ``apply_updates(upd)``.
+Proposals pass between segments in the parameter's dtype, as in the dictionary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._groups import stage_values
+from ._slots import make_slot
+from .engines import Batch, Slot, Stage
+
+__all__ = ["Propose", "is_per_tensor", "run_in_segments"]
+
+Propose = Callable[[Sequence[Stage], Sequence[Slot], Sequence[Sequence[dict[str, Any]]]], Iterator[Batch]]
+"""An engine run without writing: ``propose(stages, slots, values)`` yields its batches."""
+
+
+def is_per_tensor(stage: Stage) -> bool:
+    """Whether the stage's formula works on whole tensors only (not elementwise)."""
+    return stage.transform.per_tensor
+
+
+def _segments(stages: Sequence[Stage]) -> list[tuple[int, int]]:
+    """``[start, stop)`` index ranges: runs of elementwise stages, each per-tensor stage alone."""
+    ranges: list[tuple[int, int]] = []
+    start = 0
+    for index, stage in enumerate(stages):
+        if is_per_tensor(stage):
+            if start < index:
+                ranges.append((start, index))
+            ranges.append((index, index + 1))
+            start = index + 1
+    if start < len(stages):
+        ranges.append((start, len(stages)))
+    return ranges
+
+
+def run_in_segments(
+    stages: Sequence[Stage],
+    checked: Sequence[tuple[int, int, Tensor, Tensor]],
+    states: Mapping[Tensor, Mapping[str, Any]],
+    groups: Sequence[Mapping[str, Any]],
+    state_dtype: torch.dtype | None,
+    traced: bool,
+    propose: Propose,
+) -> Batch:
+    """Every updated parameter's pairs (itself and its new state), as one batch.
+
+    ``checked`` holds ``(position, group index, parameter, gradient)`` for each parameter the
+    step updates, state already created; ``propose`` is the engine, run without writing.
+    """
+    incoming = [grad for *_, grad in checked]
+    new_state: list[list[tuple[Tensor, Tensor]]] = [[] for _ in checked]
+    for start, stop in _segments(stages):
+        segment = stages[start:stop]
+        values = stage_values(groups, segment)
+        if is_per_tensor(segment[0]):
+            stage = segment[0]
+            for index, (position, group, param, _) in enumerate(checked):
+                if stage.applies_to(position):
+                    incoming[index], _ = stage.transform.formula(param, incoming[index], {}, None, **values[group][0])
+            continue
+        slots = [
+            make_slot(position, group, param, incoming[index], states[param], segment, state_dtype, traced)
+            for index, (position, group, param, _) in enumerate(checked)
+        ]
+        for batch in propose(segment, slots, values):
+            for index, pairs in batch:
+                param = checked[index][2]
+                for target, value in pairs:
+                    if target is param:
+                        incoming[index] = value
+                    else:
+                        new_state[index].append((target, value))
+    return [(index, [(param, incoming[index]), *new_state[index]]) for index, (_, _, param, _) in enumerate(checked)]
