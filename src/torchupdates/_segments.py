@@ -72,7 +72,9 @@ def run_in_segments(
             stage = segment[0]
             for index, (position, group, param, _) in enumerate(checked):
                 if stage.applies_to(position):
-                    incoming[index], _ = stage.transform.formula(param, incoming[index], {}, None, **values[group][0])
+                    proposal, _ = stage.transform.formula(param, incoming[index], {}, None, **values[group][0])
+                    assert isinstance(proposal, Tensor)
+                    incoming[index] = proposal
             continue
         slots = [
             make_slot(position, group, param, incoming[index], states[param], segment, state_dtype, traced)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 from torch import Tensor
 
@@ -11,7 +12,7 @@ from ._math import Array
 from ._tensorlist import Scalar
 from .constraints import check_norm_axes, norm_constraint
 from .optimizer import Optimizer
-from .transform import NON_NEGATIVE, UNIT_INTERVAL, Hyperparameter, Transform
+from .transform import NON_NEGATIVE, UNIT_INTERVAL, Formula, Hyperparameter, Transform
 
 __all__ = ["apply_momentum", "apply_nesterov_momentum", "apply_norm_constraint"]
 
@@ -236,7 +237,7 @@ def apply_norm_constraint(
     flat = [param for group in optimizer.param_groups for param in group["params"]]
     for param in flat if chosen is None else chosen:
         check_norm_axes(param.dim(), axes)
-    formula = functools.partial(_constrain, norm_axes=axes)
+    formula = cast(Formula, functools.partial(_constrain, norm_axes=axes))
     modifier = Transform("apply_norm_constraint", _NORM_CONSTRAINT_HYPERPARAMETERS, (), formula, per_tensor=True)
     return optimizer.compose(modifier, chosen, max_norm=max_norm, epsilon=epsilon)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -340,7 +339,8 @@ class Optimizer(torch.optim.Optimizer):
             return
         self._init_group(tuple(position for position, *_ in checked))  # every input checked
         if any(map(is_per_tensor, self._stages)):
-            propose = traced_batches if traced else functools.partial(self._engine_runner(), write=False)
+            engine = self._engine_runner()
+            propose = traced_batches if traced else lambda stages, slots, values: engine(stages, slots, values, False)
             with torch.no_grad():
                 yield run_in_segments(
                     self._stages, checked, self.state, self.param_groups, self.state_dtype, traced, propose
