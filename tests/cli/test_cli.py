@@ -110,6 +110,14 @@ def test_max_norm_and_clip_change_training(tmp_path: Path) -> None:
     assert constrained["rules"]["sgd"]["final_train_loss"] > plain["rules"]["sgd"]["final_train_loss"]
 
 
+def test_max_norm_and_clip_inside_the_step_equal_the_update_dictionary(tmp_path: Path) -> None:
+    options = ("--rules", "momentum(adam)", "--max-norm", "0.5", "--clip", "0.1")
+    inside = run_compare(tmp_path / "inside", *options)
+    edited = run_compare(tmp_path / "edited", *options, "--via-dictionary")
+    assert inside["config"]["via_dictionary"] is False and edited["config"]["via_dictionary"] is True
+    assert inside["rules"]["momentum(adam)"]["curves"] == edited["rules"]["momentum(adam)"]["curves"]
+
+
 def test_learning_rate_override_and_divergence_give_valid_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -108,7 +108,7 @@ class RuleSpec:
             return f"{self.expression}:{self.learning_rate:g}"
         return self.expression
 
-    def build(self, params: Iterable[Tensor], engine: str = "foreach") -> Optimizer:
+    def build(self, params: Iterable[Tensor], engine: str = "foreach", max_grad_norm: float | None = None) -> Optimizer:
         """Create the optimizer for ``params``.
 
         Parameters
@@ -117,13 +117,17 @@ class RuleSpec:
             The parameters to optimize.
         engine : str, optional
             The engine the rule runs on (see :class:`torchupdates.Optimizer`).
+        max_grad_norm : float, optional
+            Gradient clipping inside the step (the rule's ``max_grad_norm``).
 
         Returns
         -------
         Optimizer
             The rule with its wrappers applied, innermost first.
         """
-        optimizer = RULES[self.rule].factory(params, learning_rate=self.learning_rate, engine=engine)
+        optimizer = RULES[self.rule].factory(
+            params, learning_rate=self.learning_rate, engine=engine, max_grad_norm=max_grad_norm
+        )
         for wrapper in self.wrappers:
             optimizer = _APPLY[wrapper](optimizer)
         return optimizer

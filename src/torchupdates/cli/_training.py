@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..apply import apply_updates
 from ..constraints import norm_constraint, total_norm_constraint
 from ..grads import get_or_compute_grads
+from ..modifiers import apply_norm_constraint
 from ..optimizer import Optimizer
 from ._datasets import Dataset
 from ._rulespec import RuleSpec
@@ -39,10 +40,14 @@ class TrainConfig:
         The torchupdates engine the rules run on.
     max_norm : float or None
         If given, every weight matrix's proposed value is passed through
-        ``norm_constraint(..., max_norm)`` (per output unit) in the update dictionary.
+        ``norm_constraint(..., max_norm)`` (per output unit).
     clip : float or None
         If given, the gradients are rescaled with ``total_norm_constraint(..., clip)``
         before the step.
+    via_dictionary : bool
+        Apply ``max_norm`` and ``clip`` by editing the update dictionary (Lasagne's way)
+        instead of inside ``step()`` (``apply_norm_constraint`` and ``max_grad_norm``);
+        both give the same numbers.
     """
 
     epochs: int
@@ -51,6 +56,7 @@ class TrainConfig:
     engine: str = "foreach"
     max_norm: float | None = None
     clip: float | None = None
+    via_dictionary: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,14 @@ def train_rule(
     model = copy.deepcopy(initial_model)
     params = [p for p in model.parameters() if p.requires_grad]
     weights = [p for p in params if p.dim() >= 2]
-    optimizer = spec.build(params, engine=config.engine)
+    if config.via_dictionary:
+        optimizer = spec.build(params, engine=config.engine)
+        edits = (config.max_norm, config.clip)
+    else:
+        optimizer = spec.build(params, engine=config.engine, max_grad_norm=config.clip)
+        if config.max_norm is not None:
+            optimizer = apply_norm_constraint(optimizer, config.max_norm, params=weights)
+        edits = (None, None)
     order_generator = torch.Generator().manual_seed(config.seed)
     num_train = data.x_train.shape[0]
     train_losses: list[float] = []
@@ -238,7 +251,7 @@ def train_rule(
         for begin in range(0, num_train, config.batch_size):
             batch = order[begin : begin + config.batch_size]
             loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
-            training_step(optimizer, loss, params, weights, config.max_norm, config.clip)
+            training_step(optimizer, loss, params, weights, *edits)
             total += loss.detach().to(torch.float64) * batch.numel()
             steps += 1
             if on_step is not None:

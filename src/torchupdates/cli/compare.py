@@ -15,6 +15,7 @@ Only torch is needed to import this module; the command itself needs matplotlib,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from collections.abc import Sequence
@@ -108,14 +109,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=None,
         metavar="X",
-        help="limit the norm of each unit's incoming weights to X, via the update dictionary (default: off)",
+        help="limit the norm of each unit's incoming weights to X, inside step() (default: off)",
     )
     add(
         "--clip",
         type=positive_float,
         default=None,
         metavar="X",
-        help="rescale the gradients so that their total norm is at most X (default: off)",
+        help="rescale the gradients so that their total norm is at most X, inside step() (default: off)",
+    )
+    add(
+        "--via-dictionary",
+        action="store_true",
+        help="apply --max-norm and --clip by editing the update dictionary, as Lasagne did, "
+        "instead of inside step(); the numbers are the same",
     )
     add(
         "--out",
@@ -211,7 +218,7 @@ def _describe_model(data: Dataset, hidden: Sequence[int]) -> str:
 def _warm_up(spec: RuleSpec, initial_model: torch.nn.Module, data: Dataset, config: TrainConfig) -> None:
     # The first optimizer and the first steps in a process pay one-time costs (lazy imports,
     # kernel setup); pay them here so that the first rule's timing is comparable to the others.
-    warm_up = TrainConfig(1, config.batch_size, config.seed, config.engine, config.max_norm, config.clip)
+    warm_up = dataclasses.replace(config, epochs=1)
     subset = Dataset(
         data.name,
         data.x_train[: 3 * config.batch_size],
@@ -274,7 +281,9 @@ def run_compare(
 def _run(args: argparse.Namespace) -> int:
     specs: list[RuleSpec] = args.rules if args.rules is not None else parse_rules(",".join(RULE_NAMES))
     _require(["matplotlib", *([] if args.quiet else ["tqdm"]), *(["sklearn"] if args.data is None else [])])
-    config = TrainConfig(args.epochs, args.batch_size, args.seed, args.engine, args.max_norm, args.clip)
+    config = TrainConfig(
+        args.epochs, args.batch_size, args.seed, args.engine, args.max_norm, args.clip, args.via_dictionary
+    )
     with torch_threads(args.threads):
         try:
             data = load_dataset(args.data, seed=args.seed, val_fraction=args.val_fraction, limit=args.limit)
@@ -306,6 +315,7 @@ def _run(args: argparse.Namespace) -> int:
             "engine": args.engine,
             "max_norm": args.max_norm,
             "clip": args.clip,
+            "via_dictionary": args.via_dictionary,
             "threads": args.threads,
             "torch": torch.__version__,
         },
