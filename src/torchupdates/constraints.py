@@ -31,15 +31,20 @@ def _largest_magnitude(tensor: Tensor, dim: tuple[int, ...] | None = None) -> Te
     return torch.amax(magnitude, dim=dim, keepdim=True)
 
 
-def _without_overflow(norm: Tensor, scale: Tensor, scaled_sum_of_squares: Callable[[Tensor], Tensor]) -> Tensor:
+def _without_overflow(
+    norm: Tensor, largest: Callable[[], Tensor], scaled_sum_of_squares: Callable[[Tensor], Tensor]
+) -> Tensor:
     """``norm`` where it is finite; where squaring overflowed (finite inputs, infinite sum),
-    ``scale * sqrt(sum((x / scale)**2))`` with ``scale`` the largest magnitude instead.
-
-    The seed's formula stands wherever nothing overflows, bit for bit. Dividing by the
-    largest magnitude first keeps every square at most 1, so a float16 row of norm 300, or
+    ``scale * sqrt(sum((x / scale)**2))`` with ``scale = largest()``, the largest magnitude,
+    instead. The seed's formula stands wherever nothing overflows, bit for bit. Dividing by
+    the largest magnitude first keeps every square at most 1, so a float16 row of norm 300, or
     float32 elements near 1e20, get their true norm instead of infinity (which would turn the
-    rescaled tensor into zeros).
+    rescaled tensor into zeros). The second pass runs only when some norm is infinite (one
+    look at the norms on the host; traced by ``torch.compile``, always).
     """
+    if not torch.compiler.is_compiling() and not bool(torch.isinf(norm).any()):
+        return norm
+    scale = largest()
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     rescued = safe_scale * torch.sqrt(scaled_sum_of_squares(safe_scale))
     return torch.where(torch.isinf(norm) & torch.isfinite(scale), rescued, norm)
@@ -142,7 +147,7 @@ def norm_constraint(
     axes = check_norm_axes(tensor.dim(), norm_axes)
     norms = torch.sqrt(_sum_of_squares(tensor, axes))
     norms = _without_overflow(
-        norms, _largest_magnitude(tensor, axes), lambda scale: _sum_of_squares(tensor / scale, axes)
+        norms, lambda: _largest_magnitude(tensor, axes), lambda scale: _sum_of_squares(tensor / scale, axes)
     )
     return tensor * (_clip(norms, max_norm) / (epsilon + norms))
 
@@ -225,9 +230,13 @@ def total_norm_constraint(
     check_hyperparameter("total_norm_constraint", _MAX_NORM, max_norm)
     check_hyperparameter("total_norm_constraint", _EPSILON, epsilon)
     norm = torch.sqrt(_total(_sum_of_squares(t) for t in tensors))
-    largest = _largest_magnitude(tensors[0])
-    for tensor in tensors[1:]:
-        largest = torch.maximum(largest, _largest_magnitude(tensor))
+
+    def largest() -> Tensor:
+        magnitude = _largest_magnitude(tensors[0])
+        for tensor in tensors[1:]:
+            magnitude = torch.maximum(magnitude, _largest_magnitude(tensor))
+        return magnitude
+
     norm = _without_overflow(norm, largest, lambda scale: _total(_sum_of_squares(t / scale) for t in tensors))
     multiplier = _clip(norm, max_norm) / (epsilon + norm)
     scaled = [tensor * multiplier for tensor in tensors]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..modifiers import apply_norm_constraint
 from ..optimizer import Optimizer
 from ..registry import MODIFIERS, RULES, Entry
 from ._command import CommandError
@@ -120,7 +121,30 @@ COMPOSITIONS: tuple[Case, ...] = (
 )
 """Rules with a momentum modifier on top: no torch.optim equivalent, compared by GB/s."""
 
-CASES: dict[str, Case] = {case.rule: case for case in (*_RULES, *COMPOSITIONS)}
+
+def _adam_with(**options: object) -> Callable[[list[torch.Tensor], str], Optimizer]:
+    def build(params: list[torch.Tensor], engine: str) -> Optimizer:
+        return RULES["adam"].factory(params, engine=engine, **options)
+
+    return build
+
+
+def _norm_constrained_adam(params: list[torch.Tensor], engine: str) -> Optimizer:
+    weights = [p for p in params if 2 <= p.dim() <= 5]
+    return apply_norm_constraint(RULES["adam"].factory(params, engine=engine), 1.0, params=weights or None)
+
+
+_ADAM_MOVED = _moved(RULES["adam"])
+
+STEP_OPTIONS: tuple[Case, ...] = (
+    Case("adam[max_grad_norm]", _ADAM_MOVED, _adam_with(max_grad_norm=1.0)),
+    Case("adam[skip_nonfinite]", _ADAM_MOVED, _adam_with(skip_nonfinite=True)),
+    Case("apply_norm_constraint(adam)", _ADAM_MOVED, _norm_constrained_adam),
+)
+"""Adam with each option of the step: what clipping, the non-finite check and the norm
+constraint cost, read against plain adam's GB/s (the bytes counted are Adam's)."""
+
+CASES: dict[str, Case] = {case.rule: case for case in (*_RULES, *COMPOSITIONS, *STEP_OPTIONS)}
 """The benchmarked rules and compositions, by name."""
 
 ISSUE_SHAPES = "12:1024x1024,188:4096"
