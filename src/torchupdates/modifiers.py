@@ -6,8 +6,7 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
-from ._math import Array
-from ._tensorlist import Scalar
+from .formula import Array, Scalar
 from .optimizer import Optimizer
 from .transform import UNIT_INTERVAL, Hyperparameter, Transform
 
