@@ -1,5 +1,8 @@
 """Lists of tensors whose arithmetic is recorded, then run by ``torch._foreach_*`` kernels.
 
+Being replaced by :mod:`torchupdates.formula` (:class:`~torchupdates.formula.ForeachGraph`),
+which keeps node, handle and values apart; the foreach engine still runs this one.
+
 Rule formulas are written once with ordinary operators (``rho * acc + (1 - rho) * g2``).
 Given plain tensors they run one parameter at a time; given :class:`TensorList` operands the
 same expression is recorded in a :class:`Graph` and :meth:`Graph.run` executes it over many
@@ -12,52 +15,18 @@ written, whatever buffer receives it, so results are bitwise those of the plain-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from numbers import Real
-from typing import TypeGuard
+from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from ._sqrt import sqrt_list, sqrt_list_
+from .formula._graph import Scalar
+from .formula._graph import is_scalar as _is_scalar
+from .formula._ops import COMMUTATIVE as _COMMUTATIVE
+from .formula._ops import ELEMENTWISE, FOREACH
 
-Scalar = float | int | Tensor
-"""A hyperparameter or coefficient: a Python number or a 0-d tensor."""
+__all__ = ["ELEMENTWISE", "Graph", "Scalar", "TensorList"]
 
-_KERNELS: dict[str, tuple[Callable[..., Sequence[Tensor]], Callable[..., None]]] = {
-    "add": (torch._foreach_add, torch._foreach_add_),
-    "sub": (torch._foreach_sub, torch._foreach_sub_),
-    "mul": (torch._foreach_mul, torch._foreach_mul_),
-    "div": (torch._foreach_div, torch._foreach_div_),
-    "maximum": (torch._foreach_maximum, torch._foreach_maximum_),
-    "neg": (torch._foreach_neg, torch._foreach_neg_),
-    "abs": (torch._foreach_abs, torch._foreach_abs_),
-    "sqrt": (sqrt_list, sqrt_list_),
-}
-ELEMENTWISE: dict[str, Callable[..., Tensor]] = {
-    "add": torch.add,
-    "sub": torch.sub,
-    "mul": torch.mul,
-    "div": torch.div,
-    "maximum": torch.maximum,
-    "neg": torch.neg,
-    "abs": torch.abs,
-    "sqrt": torch.sqrt,
-}
-"""Every recorded operation (:attr:`TensorList.op`, all but ``"leaf"``) as the plain
-single-tensor torch function that computes it: ``ELEMENTWISE[node.op](*operands)``, operands
-being tensors for :class:`TensorList` arguments and the scalars as recorded. ``out=`` works
-with each. One caveat: on CPU, torch's own float32 ``sqrt`` is not correctly rounded; eager
-code replaying ``"sqrt"`` there should use :func:`torchupdates._sqrt.sqrt_tensor` (compiled
-kernels' square roots are correctly rounded)."""
-
-_COMMUTATIVE = {"add", "mul"}  # IEEE addition and multiplication: a op b == b op a, bit for bit
-
-
-def _is_scalar(value: object) -> TypeGuard[float | Tensor]:
-    if isinstance(value, Tensor):
-        return value.dim() == 0
-    return isinstance(value, Real) and not isinstance(value, bool)
+_KERNELS = FOREACH
 
 
 class Graph:

@@ -8,9 +8,9 @@ from collections.abc import Hashable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["apply_updates"]
+from .formula._copy import copy_into
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+__all__ = ["apply_updates"]
 
 
 def apply_updates(updates: Mapping[Tensor, Tensor]) -> None:
@@ -77,16 +77,3 @@ def check_pair(target: object, value: object) -> None:
         raise ValueError(f"an update on the meta device holds no values to write to a {where} on {target.device}")
     if not torch.can_cast(value.dtype, target.dtype):
         raise TypeError(f"an update of dtype {value.dtype} cannot be cast to a {where} without losing its kind")
-
-
-def copy_into(targets: list[Tensor], values: list[Tensor]) -> None:
-    """``target.copy_(value)`` for each pair: one foreach copy for plain tensors of one kind,
-    one by one for tensor subclasses (DTensor under FSDP2 has no foreach copy) and under
-    ``torch.compile``, whose Inductor (torch 2.13, CPU) miscompiles a foreach copy whose
-    values share a computation: ``_foreach_copy_([v, w], [x, maximum(w, x)])`` with
-    ``x = 0.9 * v + g`` writes ``v`` and then recomputes ``x`` from the new ``v``."""
-    if all(type(target) in _PLAIN_TENSORS for target in targets) and not torch.compiler.is_compiling():
-        torch._foreach_copy_(targets, values)
-        return
-    for target, value in zip(targets, values, strict=True):
-        target.copy_(value)

@@ -8,7 +8,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from ._tensorlist import Scalar
+from .formula import Scalar
 from .transform import NON_NEGATIVE, Hyperparameter, check_hyperparameter
 
 __all__ = ["check_norm_axes", "norm_constraint", "total_norm_constraint"]

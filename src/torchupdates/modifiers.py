@@ -8,9 +8,8 @@ from typing import cast
 
 from torch import Tensor
 
-from ._math import Array
-from ._tensorlist import Scalar
 from .constraints import check_norm_axes, norm_constraint
+from .formula import Array, Scalar
 from .optimizer import Optimizer
 from .transform import NON_NEGATIVE, UNIT_INTERVAL, Formula, Hyperparameter, Transform
 

@@ -16,8 +16,7 @@ from typing import ParamSpec
 
 import torch
 
-from ._math import Array, maximum, sqrt, square
-from ._tensorlist import Scalar
+from .formula import Array, Scalar, maximum, sqrt, square
 from .modifiers import MOMENTUM, NESTEROV_MOMENTUM
 from .optimizer import Optimizer, ParamsT
 from .transform import NON_NEGATIVE, UNIT_INTERVAL, Hyperparameter, Transform

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._math import Value, maximum, sqrt, square
+from .formula import Value, maximum, sqrt, square
 
 __all__ = [
     "NON_NEGATIVE",
