@@ -25,6 +25,7 @@ __all__ = [
     "CASES",
     "COMPOSITIONS",
     "ISSUE_SHAPES",
+    "STEP_OPTIONS",
     "Case",
     "Workload",
     "interleaved_medians",
