@@ -12,7 +12,7 @@ import numpy_reference as ref
 import torchupdates
 from torchupdates import registry
 
-NOT_HYPERPARAMETERS = {"params", "optimizer", "engine", "state_dtype", "lr", "betas"}
+NOT_HYPERPARAMETERS = {"params", "optimizer", "engine", "state_dtype", "skip_nonfinite", "max_grad_norm", "lr", "betas"}
 """Parameters of the factories that are no hyperparameter of a transform (``lr`` and ``betas``
 are torch's spellings of hyperparameters, default ``None``: not given)."""
 
