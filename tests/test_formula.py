@@ -101,3 +101,23 @@ def test_foreach_graph_equals_the_formula_on_tensors(formula: Any, dtype: torch.
         for k, tensor in enumerate(tensors):
             assert torch.equal(tensor.view(-1).view(torch.uint8), expected[k][position].view(-1).view(torch.uint8))
     assert all(torch.equal(t, u) for t, u in zip(lists._tensors[leaves[1].node.index], inputs[1], strict=True))
+
+
+def test_an_engine_may_compute_an_operation_itself() -> None:
+    computed: list[int] = []
+
+    class Eager(ForeachGraph):
+        def compute(self, node: Node, operands: list[Any]) -> list[torch.Tensor] | None:
+            if node.op != "mul":
+                return None
+            computed.append(node.index)
+            tensors, scalar = operands
+            return [torch.mul(t, scalar) for t in tensors]
+
+    lists = Eager()
+    original = torch.tensor([1.0, 2.0])
+    x = lists.leaf([original], writable=True)
+    [(tensors, in_place)] = lists.run([(x * 3.0 + 1.0, x)])
+    assert computed == [1]
+    assert torch.equal(tensors[0], torch.tensor([4.0, 7.0])) and not in_place  # in the new buffer of x * 3
+    assert torch.equal(original, torch.tensor([1.0, 2.0]))
