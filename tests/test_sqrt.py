@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from torchupdates import _sqrt
-from torchupdates._math import sqrt as formula_sqrt
-from torchupdates._tensorlist import Graph
 from torchupdates.engines._program import compile_program
+from torchupdates.formula import Graph, _sqrt
+from torchupdates.formula import sqrt as formula_sqrt
 
 NARROW = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -137,7 +136,7 @@ def _sqrts(x: torch.Tensor) -> dict[str, torch.Tensor]:
 def _program_sqrt(x: torch.Tensor, mode: str) -> torch.Tensor:
     """The square root as the foreach engine's compiled CPU programs compute it."""
     graph = Graph()
-    leaf = graph.leaf([])
+    leaf = graph.leaf()
     root = leaf.sqrt()
     program = compile_program(graph, [leaf], [True], [(root, 0)], mode)
     register = x.clone()

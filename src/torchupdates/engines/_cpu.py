@@ -33,8 +33,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .._sqrt import needs_wide_sqrt, numpy_sqrt
-from .._tensorlist import Graph, Scalar, TensorList
+from ..formula import Graph, Scalar, Symbol, needs_wide_sqrt, numpy_sqrt
 from ._chain import Slot, Stage, run_chain
 from ._flat import dense_strides
 from ._program import Program, compile_program
@@ -210,15 +209,15 @@ def _compile(
     stages: Sequence[Stage], hyperparameters: Sequence[dict[str, Any]], first: Slot, keys: list[str]
 ) -> Program:
     graph = Graph()
-    param, grad = graph.leaf([]), graph.leaf([])
-    state = {key: graph.leaf([]) for key in keys}
+    param, grad = graph.leaf("param"), graph.leaf("grad")
+    state = {key: graph.leaf(key) for key in keys}
     proposal, new_state = run_chain(
         stages, hyperparameters, param, grad, cast("dict[str, Any]", state), first.steps, first.applies
     )
     roles = ["param", "grad", *keys]
     position = {role: i for i, role in enumerate(roles)}
-    outputs = [(cast(TensorList, proposal), 0)]
-    outputs += [(cast(TensorList, value), position[key]) for key, value in new_state.items()]
+    outputs = [(cast(Symbol, proposal), 0)]
+    outputs += [(cast(Symbol, value), position[key]) for key, value in new_state.items()]
     writable = [role != "grad" for role in roles]
     return compile_program(graph, [param, grad, *state.values()], writable, outputs, sqrt_mode(first.work_dtype))
 

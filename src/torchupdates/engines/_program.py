@@ -1,6 +1,6 @@
 """A recorded chain of formulas as a straight-line program of single-tensor torch calls.
 
-The foreach engine on CPU records a batch's formulas once (:class:`~torchupdates._tensorlist.Graph`)
+The foreach engine on CPU records a batch's formulas once (:class:`~torchupdates.formula.Graph`)
 and runs the record over many chunks of a few hundred thousand elements, each small enough
 that its operands stay in cache. :func:`compile_program` turns the record into a Python
 function of *registers*: equally long 1-D tensors, one per leaf (the parameter, the gradient,
@@ -17,7 +17,7 @@ into a register whose value is no longer read, so a chunk allocates nothing:
 Each recorded operation stays one call of the elementwise torch function with the same
 operands in the same order (``out=`` may alias an operand exactly, which elementwise kernels
 allow), so every element is the same single IEEE operation as in the other engines. Square
-roots are correctly rounded (:mod:`torchupdates._sqrt`), in one of three ways chosen per
+roots are correctly rounded (:mod:`torchupdates.formula._sqrt`), in one of three ways chosen per
 program: torch's own (``"native"``: float64, and 16-bit types verified exact), through a
 float64 register rounded once (``"wide"``), or NumPy's IEEE float32 root (``"numpy"``, which
 falls back to the float64 register for a chunk with a negative input).
@@ -26,14 +26,15 @@ falls back to the float64 register for a chunk with a negative input).
 from __future__ import annotations
 
 import functools
+import keyword
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .._sqrt import numpy_sqrt
-from .._tensorlist import ELEMENTWISE, Graph, Scalar, TensorList
+from ..formula import ELEMENTWISE, Graph, Node, Scalar, Symbol, numpy_sqrt
 
 __all__ = ["SQRT_MODES", "Program", "compile_program"]
 
@@ -64,9 +65,9 @@ class Program:
 
 def compile_program(
     graph: Graph,
-    leaves: Sequence[TensorList],
+    leaves: Sequence[Symbol],
     writable: Sequence[bool],
-    outputs: Sequence[tuple[TensorList, int]],
+    outputs: Sequence[tuple[Symbol, int]],
     sqrt: str,
 ) -> Program:
     """Allocate registers for ``graph`` and generate its program.
@@ -87,21 +88,22 @@ class _Allocator:
     def __init__(
         self,
         graph: Graph,
-        leaves: Sequence[TensorList],
+        leaves: Sequence[Symbol],
         writable: Sequence[bool],
-        outputs: Sequence[tuple[TensorList, int]],
+        outputs: Sequence[tuple[Symbol, int]],
         sqrt: str,
     ) -> None:
         self.nodes = graph.nodes
-        self.leaves = list(leaves)
+        self.leaves = [leaf.node for leaf in leaves]
         self.sqrt = sqrt
         self.last_read = [-1] * len(self.nodes)
         for node in self.nodes:
             for arg in node.args:
-                if isinstance(arg, TensorList):
+                if isinstance(arg, Node):
                     self.last_read[arg.index] = node.index
         self.output_of: dict[int, int] = {}  # target register -> result node index
-        for node, position in outputs:
+        for value, position in outputs:
+            node = value.node
             if not writable[position]:
                 raise ValueError(f"leaf {position} receives an output but is not writable")
             if position in self.output_of:
@@ -114,6 +116,21 @@ class _Allocator:
         self.holds: list[int | None] = [leaf.index for leaf in self.leaves]  # node held by each register
         self.lines: list[str] = []
         self.constants: list[Scalar] = []
+        # A leaf's register is called by the leaf's name where that is a plain identifier
+        # taken by nothing else in the program; scratch registers are r<position>.
+        reserved = {*ELEMENTWISE, "sqrt", "npsqrt", "program", "w"}
+        names = [leaf.name for leaf in self.leaves]
+        self.leaf_names = [
+            name
+            if name is not None
+            and name.isidentifier()
+            and not keyword.iskeyword(name)
+            and name not in reserved
+            and not re.fullmatch(r"[rc]\d+", name)
+            and names.count(name) == 1
+            else f"r{i}"
+            for i, name in enumerate(names)
+        ]
 
     # -- allocation ---------------------------------------------------------------------
 
@@ -128,12 +145,12 @@ class _Allocator:
         self.holds.append(None)
         return len(self.holds) - 1
 
-    def _destination(self, node: TensorList) -> int:
+    def _destination(self, node: Node) -> int:
         now = node.index
         # NumPy's root may have to be redone from its input: never in place.
         operand = node.args[0]
         avoid = set()
-        if node.op == "sqrt" and self.sqrt == "numpy" and isinstance(operand, TensorList):
+        if node.op == "sqrt" and self.sqrt == "numpy" and isinstance(operand, Node):
             avoid.add(self.reg_of[operand.index])
         targets = [reg for reg, result in self.output_of.items() if result == now]
         for reg in targets:
@@ -154,25 +171,28 @@ class _Allocator:
 
     # -- code ----------------------------------------------------------------------------
 
-    def _operand(self, arg: TensorList | Scalar) -> str:
-        if isinstance(arg, TensorList):
-            return f"r{self.reg_of[arg.index]}"
+    def _name(self, reg: int) -> str:
+        return self.leaf_names[reg] if reg < len(self.leaf_names) else f"r{reg}"
+
+    def _operand(self, arg: Node | Scalar) -> str:
+        if isinstance(arg, Node):
+            return self._name(self.reg_of[arg.index])
         self.constants.append(arg)
         return f"c{len(self.constants) - 1}"
 
-    def _emit(self, node: TensorList) -> None:
+    def _emit(self, node: Node) -> None:
         operands = [self._operand(arg) for arg in node.args]
         out = self._destination(node)
         self.reg_of[node.index] = out
         self.holds[out] = node.index
         if node.op == "sqrt" and self.sqrt == "wide":
             # Correctly rounded: the float64 root of a float32/16 value rounds once to the
-            # nearest float32/16 (see _sqrt.py); "w" is the float64 register.
-            self.lines.append(f"w.copy_({operands[0]}); sqrt(w, out=w); r{out}.copy_(w)")
+            # nearest float32/16 (see formula/_sqrt.py); "w" is the float64 register.
+            self.lines.append(f"w.copy_({operands[0]}); sqrt(w, out=w); {self._name(out)}.copy_(w)")
         elif node.op == "sqrt" and self.sqrt == "numpy":
-            self.lines.append(f"npsqrt({operands[0]}, r{out}, w)")
+            self.lines.append(f"npsqrt({operands[0]}, {self._name(out)}, w)")
         else:
-            self.lines.append(f"{node.op}({', '.join(operands)}, out=r{out})")
+            self.lines.append(f"{node.op}({', '.join(operands)}, out={self._name(out)})")
 
     def program(self) -> Program:
         for node in self.nodes:
@@ -184,7 +204,7 @@ class _Allocator:
         self._final_copies()
         scratch = len(self.holds) - len(self.leaves)
         wide = self.sqrt != "native" and any(node.op == "sqrt" for node in self.nodes)
-        names = [f"r{i}" for i in range(len(self.holds))] + (["w"] if wide else [])
+        names = [self._name(i) for i in range(len(self.holds))] + (["w"] if wide else [])
         names += [f"c{i}" for i in range(len(self.constants))]
         body = [f"    {line}" for line in self.lines] or ["    pass"]
         source = "\n".join([f"def program({', '.join(names)}):", *body]) + "\n"
@@ -212,10 +232,10 @@ class _Allocator:
                 # through to another target): read it into scratch first.
                 spare = self._scratch(_NEVER - 1, set())  # kept values (read "until _NEVER") stay
                 self.holds[spare] = self.output_of[target]
-                self.lines.append(f"r{spare}.copy_(r{source})")
+                self.lines.append(f"{self._name(spare)}.copy_({self._name(source)})")
                 source = spare
             staged.append((source, target))
-        self.lines += [f"r{target}.copy_(r{source})" for source, target in staged]
+        self.lines += [f"{self._name(target)}.copy_({self._name(source)})" for source, target in staged]
 
 
 @functools.lru_cache(maxsize=256)

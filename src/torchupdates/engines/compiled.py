@@ -35,7 +35,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .._tensorlist import ELEMENTWISE, Graph, TensorList
+from ..formula import ELEMENTWISE, Graph, Node, Symbol
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain
 from ._flat import PLAIN_TENSORS, FlatBucket, local, real
 from .reference import propose_reference
@@ -150,25 +150,33 @@ class _Program:
     def __init__(
         self,
         graph: Graph,
-        leaves: dict[str, TensorList],
-        outputs: dict[str, TensorList],
+        leaves: dict[str, Symbol],
+        outputs: dict[str, Symbol],
         dtypes: dict[str, torch.dtype],
         work_dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        names: dict[int, str] = {leaf.index: role for role, leaf in leaves.items()}
+        names: dict[int, str] = {}
         self.coefficients: list[Tensor] = []
         body: list[str] = []
         for role, leaf in leaves.items():
             cast_to = "" if dtypes[role] == work_dtype else f".to({work_dtype})"
-            names[leaf.index] = f"w_{role}"
+            names[leaf.node.index] = f"w_{role}"
             body.append(f"    w_{role} = {role}{cast_to}")
+        # A result is called new_<role> (the first role it is named for), unless that name is taken.
+        for role, value in outputs.items():
+            graph.output(role, value)
+        taken = {*leaves, *names.values()}
+        result_names: dict[int, str] = {}
+        for role, result in graph.outputs.items():
+            if result.index not in names and result.index not in result_names and f"new_{role}" not in taken:
+                result_names[result.index] = f"new_{role}"
         for node in graph.nodes:
             if node.op == "leaf":
                 continue
             args = []
             for arg in node.args:
-                if isinstance(arg, TensorList):
+                if isinstance(arg, Node):
                     args.append(names[arg.index])
                     continue
                 name = f"c{len(self.coefficients)}"
@@ -176,16 +184,16 @@ class _Program:
                 if work_dtype in _OPMATH_FLOAT32 and _eager_rounds_scalar(node.op, work_dtype, device, _kind(arg)):
                     name = _rounded(name, work_dtype)
                 args.append(name)
-            names[node.index] = f"v{node.index}"
+            names[node.index] = result_names.get(node.index, f"v{node.index}")
             if work_dtype in _OPMATH_FLOAT32:
                 # Eager torch computes a 16-bit operation in float32 and rounds its result
                 # once: the same here, so that fused operations still round one by one.
                 call = _rounded(f"op_{node.op}({', '.join(f'{a}.float()' for a in args)})", work_dtype)
             else:
                 call = f"op_{node.op}({', '.join(args)})"
-            body.append(f"    v{node.index} = {call}")
+            body.append(f"    {names[node.index]} = {call}")
         inputs = [*leaves, *(f"c{k}" for k in range(len(self.coefficients)))]
-        self.results = {role: names[node.index] for role, node in outputs.items()}
+        self.results = {role: names[node.index] for role, node in graph.outputs.items()}
         self.dtypes = dtypes
         self.header = f"def kernel({', '.join(inputs)}):"
         self.body = body
@@ -204,7 +212,7 @@ class _Program:
 def _compiled(source: str, parallel: bool) -> Callable[..., Any]:
     """Compile a kernel's source once per process (Inductor caches its code on disk too)."""
     # The kernel calls each operation as ``op_<name>``: the one table of what a recorded
-    # operation computes (``_tensorlist.ELEMENTWISE``).
+    # operation computes (``formula.ELEMENTWISE``).
     namespace: dict[str, Any] = {"torch": torch, **{f"op_{name}": fn for name, fn in ELEMENTWISE.items()}}
     filename = f"<torchupdates kernel {hash(source) & 0xFFFFFFFF:08x}>"
     # Known to linecache, the source shows in tracebacks, and torch.compile sees a function
@@ -464,7 +472,7 @@ class CompiledEngine:
         stages: Sequence[Stage], hyperparameters: Sequence[dict[str, Any]], first: Slot, bucket: FlatBucket
     ) -> _Program:
         graph = Graph()
-        leaves = {role: graph.leaf([]) for role in bucket.buffers}
+        leaves = {role: graph.leaf(role) for role in bucket.buffers}
         state = {key: leaves[key] for key in first.state}
         proposal, new_state = run_chain(
             stages,
@@ -475,7 +483,7 @@ class CompiledEngine:
             first.steps,
             first.applies,
         )
-        outputs = {"param": cast(TensorList, proposal), **cast("dict[str, TensorList]", new_state)}
+        outputs = {"param": cast(Symbol, proposal), **cast("dict[str, Symbol]", new_state)}
         dtypes = {role: buffer.dtype for role, buffer in bucket.buffers.items()}
         device = bucket.buffers["param"].device
         return _Program(graph, leaves, outputs, dtypes, first.work_dtype, device)

@@ -11,14 +11,15 @@ subclasses such as DTensor) records and runs tensor lists as below.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from .._tensorlist import Graph, TensorList
+from .._tensorlist import ELEMENTWISE, Graph, Scalar, TensorList
 from . import _cpu
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
 
@@ -96,6 +97,84 @@ def _unaliased(slots: Sequence[Slot]) -> Sequence[Slot]:
     return copied
 
 
+_IN_PLACE: dict[str, Callable[..., None]] = {
+    "add": torch._foreach_add_,
+    "sub": torch._foreach_sub_,
+    "mul": torch._foreach_mul_,
+    "div": torch._foreach_div_,
+}
+_OUT_OF_PLACE: dict[str, Callable[..., Sequence[Tensor]]] = {
+    "add": torch._foreach_add,
+    "sub": torch._foreach_sub,
+    "mul": torch._foreach_mul,
+    "div": torch._foreach_div,
+}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _EagerGraph(Graph):
+    """A :class:`Graph` whose 16-bit scalar operations round as eager torch's do.
+
+    Eager ``torch.mul(x, 0.9)`` on a float16 or bfloat16 tensor computes ``x * 0.9`` in float32
+    and rounds once; torch's in-place ``_foreach_mul_`` on CPU (torch 2.13) first rounds the
+    Python number to the tensor's dtype, so that ``_foreach_mul_([x], 0.1)`` and ``x * 0.1``
+    differ in about a third of the elements (float16 ``-1.126 * 0.1``: ``-0.1126`` eagerly,
+    ``-0.11255`` in place, computed from ``float16(0.1)``). Which foreach variant rounds like
+    the eager operation is found by trying it once per (operation, dtype, device, scalar kind),
+    see :func:`_foreach_variant`; a 16-bit operation with a scalar operand runs in place only
+    where that is exact, out of place with a foreach kernel if that is, else tensor by tensor.
+    """
+
+    def _execute(self, node: TensorList, last_read: list[int], kept: set[int], replaces: dict[int, int]) -> None:
+        first = node.args[0]
+        scalar = node.args[-1]
+        if (
+            node.op in _IN_PLACE
+            and isinstance(first, TensorList)
+            and first.tensors
+            and first.tensors[0].dtype in _HALF
+            and not isinstance(scalar, TensorList)
+            and not torch.compiler.is_compiling()
+        ):
+            variant = _foreach_variant(node.op, first.tensors[0].dtype, first.tensors[0].device, _kind(scalar))
+            if variant != "in place":
+                if variant == "out of place":
+                    node.tensors = list(_OUT_OF_PLACE[node.op](first.tensors, scalar))
+                else:
+                    node.tensors = [ELEMENTWISE[node.op](t, scalar) for t in first.tensors]
+                node.buffer = node.index
+                return
+        super()._execute(node, last_read, kept, replaces)
+
+
+def _kind(scalar: Scalar) -> tuple[torch.dtype, torch.device] | None:
+    """What kind of scalar operand torch sees: a Python number (``None``) or a 0-d tensor."""
+    return (scalar.dtype, scalar.device) if isinstance(scalar, Tensor) else None
+
+
+@functools.cache
+def _foreach_variant(
+    op: str, dtype: torch.dtype, device: torch.device, kind: tuple[torch.dtype, torch.device] | None
+) -> str:
+    """The first foreach variant of ``op(tensor, scalar)`` that rounds every element as the
+    eager single-tensor operation does: ``"in place"``, ``"out of place"`` or ``"eager"``
+    (neither: one eager call per tensor). Found by trying them once per process."""
+    tensor = torch.linspace(-3.0, 3.0, 4097, device=device).to(dtype) + 0.5
+    probe = 0.3  # representable in neither 16-bit format
+    scalar: Scalar = probe if kind is None else torch.tensor(probe, dtype=kind[0], device=kind[1])
+    expected = ELEMENTWISE[op](tensor, scalar)
+    in_place = tensor.clone()
+    try:
+        _IN_PLACE[op]([in_place], scalar)
+        if torch.equal(in_place, expected):
+            return "in place"
+        if torch.equal(_OUT_OF_PLACE[op]([tensor], scalar)[0], expected):
+            return "out of place"
+    except (RuntimeError, TypeError):  # no such overload: the graph would not have recorded it
+        pass
+    return "eager"
+
+
 def _leaf(graph: Graph, tensors: Sequence[Tensor], dtype: torch.dtype, writable: bool) -> TensorList:
     work = [to_work(t, dtype) for t in tensors]
     # Only a view of the target itself (not a cast copy) may receive results in place.
@@ -137,7 +216,7 @@ def propose_foreach(
             first = members[0]
             dtype = first.work_dtype
             writable = write and _may_write_in_place(members)
-            graph = Graph()
+            graph = _EagerGraph()
             param = _leaf(graph, [s.param for s in members], dtype, writable)
             state = {key: _leaf(graph, [s.state[key] for s in members], dtype, writable) for key in first.state}
             proposal, new_state = run_chain(

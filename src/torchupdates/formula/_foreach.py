@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from ._graph import Graph, Node, Symbol
+from ._graph import Graph, Node, Scalar, Symbol
 from ._ops import COMMUTATIVE, FOREACH
 
 
@@ -42,15 +42,23 @@ class ForeachGraph:
         nothing here). Each result comes with whether it already lies in that leaf's tensors
         (written in place); otherwise the caller writes it.
         """
-        return _Run(self.graph.nodes, self._tensors, self._writable).run(outputs)
+        return _Run(self, self._tensors, self._writable).run(outputs)
+
+    def compute(self, node: Node, operands: list[list[Tensor] | Scalar]) -> list[Tensor] | None:
+        """A hook for engines: the tensors of ``node`` computed from its ``operands`` (tensor
+        lists for nodes, scalars as recorded) into new tensors, or ``None`` (as here) to let the
+        run pick the foreach kernel, in place where a buffer is free. An engine overrides it
+        where a kernel would not compute the operation as eager torch does."""
+        return None
 
 
 class _Run:
     """One execution: the tensors of each node and the buffer (a writable leaf or the node
     itself) that holds them, by node index."""
 
-    def __init__(self, nodes: list[Node], tensors: dict[int, list[Tensor]], writable: set[int]) -> None:
-        self.nodes = nodes
+    def __init__(self, lists: ForeachGraph, tensors: dict[int, list[Tensor]], writable: set[int]) -> None:
+        self.lists = lists
+        nodes = self.nodes = lists.graph.nodes
         self.writable = writable
         self.values: list[list[Tensor]] = [tensors.get(node.index, []) for node in nodes]
         self.buffer: list[int | None] = [node.index if node.index in writable else None for node in nodes]
@@ -82,10 +90,14 @@ class _Run:
             for value, leaf in outputs
         ]
 
-    def _tensors(self, arg: Node | object) -> object:
+    def _tensors(self, arg: Node | Scalar) -> list[Tensor] | Scalar:
         return self.values[arg.index] if isinstance(arg, Node) else arg
 
     def _execute(self, node: Node) -> None:
+        computed = self.lists.compute(node, [self._tensors(arg) for arg in node.args])
+        if computed is not None:
+            self.values[node.index], self.buffer[node.index] = computed, node.index
+            return
         out_of_place, in_place = FOREACH[node.op]
         operands = list(node.args)
         candidates = [0, 1] if node.op in COMMUTATIVE and isinstance(operands[-1], Node) else [0]
