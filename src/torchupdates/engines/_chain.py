@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._math import Value
+from ..formula import Value
 from ..transform import Transform
 
 

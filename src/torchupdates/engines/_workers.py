@@ -1,7 +1,7 @@
 """Worker threads for the CPU step: independent chunks on several cores at once.
 
 torch parallelises one elementwise operation over its threads (OpenMP); NumPy's square root
-(see :mod:`torchupdates._sqrt`) runs on one thread. A program that takes NumPy's roots runs
+(see :mod:`torchupdates.formula._sqrt`) runs on one thread. A program that takes NumPy's roots runs
 its chunks on worker threads instead, each worker running whole chunks with single-threaded
 operations, its chunk in its own core's cache; torch and NumPy release the GIL inside every
 operation, so the workers run in parallel and only the Python glue between operations is

@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .._tensorlist import ELEMENTWISE, Graph, Scalar, TensorList
+from ..formula import ELEMENTWISE, ForeachGraph, Node, Scalar, Symbol
 from . import _cpu
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
 
@@ -112,8 +112,8 @@ _OUT_OF_PLACE: dict[str, Callable[..., Sequence[Tensor]]] = {
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class _EagerGraph(Graph):
-    """A :class:`Graph` whose 16-bit scalar operations round as eager torch's do.
+class _EagerGraph(ForeachGraph):
+    """A :class:`~torchupdates.formula.ForeachGraph` whose 16-bit scalar operations round as eager torch's do.
 
     Eager ``torch.mul(x, 0.9)`` on a float16 or bfloat16 tensor computes ``x * 0.9`` in float32
     and rounds once; torch's in-place ``_foreach_mul_`` on CPU (torch 2.13) first rounds the
@@ -125,26 +125,22 @@ class _EagerGraph(Graph):
     where that is exact, out of place with a foreach kernel if that is, else tensor by tensor.
     """
 
-    def _execute(self, node: TensorList, last_read: list[int], kept: set[int], replaces: dict[int, int]) -> None:
-        first = node.args[0]
-        scalar = node.args[-1]
+    def compute(self, node: Node, operands: list[list[Tensor] | Scalar]) -> list[Tensor] | None:
+        first, scalar = operands[0], operands[-1]
         if (
             node.op in _IN_PLACE
-            and isinstance(first, TensorList)
-            and first.tensors
-            and first.tensors[0].dtype in _HALF
-            and not isinstance(scalar, TensorList)
+            and isinstance(first, list)
+            and first
+            and first[0].dtype in _HALF
+            and not isinstance(scalar, list)
             and not torch.compiler.is_compiling()
         ):
-            variant = _foreach_variant(node.op, first.tensors[0].dtype, first.tensors[0].device, _kind(scalar))
-            if variant != "in place":
-                if variant == "out of place":
-                    node.tensors = list(_OUT_OF_PLACE[node.op](first.tensors, scalar))
-                else:
-                    node.tensors = [ELEMENTWISE[node.op](t, scalar) for t in first.tensors]
-                node.buffer = node.index
-                return
-        super()._execute(node, last_read, kept, replaces)
+            variant = _foreach_variant(node.op, first[0].dtype, first[0].device, _kind(scalar))
+            if variant == "out of place":
+                return list(_OUT_OF_PLACE[node.op](first, scalar))
+            if variant == "eager":
+                return [ELEMENTWISE[node.op](t, scalar) for t in first]
+        return None
 
 
 def _kind(scalar: Scalar) -> tuple[torch.dtype, torch.device] | None:
@@ -175,7 +171,7 @@ def _foreach_variant(
     return "eager"
 
 
-def _leaf(graph: Graph, tensors: Sequence[Tensor], dtype: torch.dtype, writable: bool) -> TensorList:
+def _leaf(graph: ForeachGraph, tensors: Sequence[Tensor], dtype: torch.dtype, writable: bool) -> Symbol:
     work = [to_work(t, dtype) for t in tensors]
     # Only a view of the target itself (not a cast copy) may receive results in place.
     aliases = all(
@@ -230,7 +226,7 @@ def propose_foreach(
             )
             keys = list(new_state)
             results = graph.run(
-                [(cast(TensorList, proposal), param)] + [(cast(TensorList, new_state[k]), state[k]) for k in keys]
+                [(cast(Symbol, proposal), param)] + [(cast(Symbol, new_state[k]), state[k]) for k in keys]
             )
             yield [
                 (i, _pairs(stages, slot, k, results, keys))

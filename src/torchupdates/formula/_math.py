@@ -8,7 +8,6 @@ hyperparameters that may be Python numbers or 0-d tensors.
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Any, TypeVar, overload
 
 import torch
@@ -33,12 +32,11 @@ def sqrt(x: float) -> float: ...
 def sqrt(x: V) -> V: ...
 def sqrt(x: float | V) -> float | V:
     """Square root, elementwise, correctly rounded (see :mod:`torchupdates.formula._sqrt`)."""
+    if isinstance(x, Symbol):
+        return x.sqrt()
     if isinstance(x, Tensor):
         return sqrt_tensor(x)
-    if isinstance(x, Real):
-        return math.sqrt(x)
-    handle: Any = x  # a Symbol (or, until the foreach engine moves over, a _tensorlist.TensorList)
-    return handle.sqrt()
+    return math.sqrt(x)
 
 
 def square(x: V) -> V:
@@ -48,9 +46,8 @@ def square(x: V) -> V:
 
 def maximum(a: V, b: V) -> V:
     """Elementwise maximum of two values of the same kind."""
+    if isinstance(a, Symbol) and isinstance(b, Symbol):
+        return a.maximum(b)
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return torch.maximum(a, b)
-    if type(a) is type(b) and not isinstance(a, (Tensor, Real)):
-        handle: Any = a  # Symbols (or, until the foreach engine moves over, _tensorlist.TensorLists)
-        return handle.maximum(b)
     raise TypeError(f"maximum needs two tensors or two symbols, got {type(a)} and {type(b)}")
