@@ -168,7 +168,7 @@ def apply_norm_constraint(
     :math:`u` over ``norm_axes`` (kept as size-1 axes),
 
     .. math::
-        p \leftarrow u \cdot rac{\operatorname{clip}(n, 0, 	ext{max\_norm})}{\epsilon + n}
+        p \leftarrow u \cdot \frac{\operatorname{clip}(n, 0, \text{max\_norm})}{\epsilon + n}
 
     It is the update-dictionary edit ``upd[W] = norm_constraint(upd[W], max_norm)`` done
     inside :meth:`~Optimizer.step`, for training loops that only call ``step()``; bit for
