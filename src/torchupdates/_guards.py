@@ -22,9 +22,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .constraints import total_norm_constraint
-
-__all__ = ["all_finite", "check_guard_options", "clip"]
+__all__ = ["all_finite", "check_guard_options"]
 
 
 def check_guard_options(skip_nonfinite: object, max_grad_norm: object) -> None:
@@ -43,13 +41,6 @@ def check_guard_options(skip_nonfinite: object, max_grad_norm: object) -> None:
         raise TypeError(f"max_grad_norm must be None, a number or a 0-d tensor, got {type(max_grad_norm).__name__}")
     if not value > 0:
         raise ValueError(f"max_grad_norm must be > 0 (or None: no clipping), got {value!r}")
-
-
-def clip(grads: Sequence[Tensor], max_grad_norm: float | Tensor) -> tuple[list[Tensor], Tensor]:
-    """The gradients rescaled to a joint norm of at most ``max_grad_norm``, and their joint
-    norm before rescaling (a 0-d tensor): :func:`~torchupdates.total_norm_constraint`."""
-    clipped, norm = total_norm_constraint(grads, max_grad_norm, return_norm=True)
-    return clipped, norm
 
 
 def all_finite(grads: Sequence[Tensor]) -> bool:

@@ -22,10 +22,11 @@ from ._groups import (
     unknown_keys,
     unknown_keys_error,
 )
-from ._guards import all_finite, check_guard_options, clip
+from ._guards import all_finite, check_guard_options
 from ._segments import is_per_tensor, run_in_segments
 from ._slots import LossOrGrads, checked_gradients, init_state, make_slot, run_closure, traced_batches
 from .apply import write_updates
+from .constraints import total_norm_constraint
 from .engines import ENGINES, Batch, Engine, Stage
 from .engines.compiled import require_compiler
 from .transform import Transform, defaults_of
@@ -364,7 +365,7 @@ class Optimizer(torch.optim.Optimizer):
             return checked
         grads = [grad for *_, grad in checked]
         if self.max_grad_norm is not None:
-            grads, self.grad_norm = clip(grads, self.max_grad_norm)
+            grads, self.grad_norm = total_norm_constraint(grads, self.max_grad_norm, return_norm=True)
         if self.skip_nonfinite and not all_finite(grads):
             self.skipped_steps += 1
             return None

@@ -35,7 +35,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from ..formula import ELEMENTWISE, Graph, Node, Symbol
+from ..formula import ELEMENTWISE, PROBE_SCALAR, Graph, Node, ScalarKind, Symbol, probe_operands, scalar_kind
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain
 from ._flat import PLAIN_TENSORS, FlatBucket, local, real
 from .reference import propose_reference
@@ -122,25 +122,16 @@ def _rounded(expression: str, dtype: torch.dtype) -> str:
     return f"{expression}.to({dtype})"
 
 
-def _kind(scalar: object) -> tuple[torch.dtype, str] | None:
-    """How eager torch sees a scalar operand: a Python number (None) or a 0-d tensor."""
-    return (scalar.dtype, scalar.device.type) if isinstance(scalar, Tensor) else None
-
-
 @functools.cache
-def _eager_rounds_scalar(
-    op: str, dtype: torch.dtype, device: torch.device, kind: tuple[torch.dtype, str] | None
-) -> bool:
+def _eager_rounds_scalar(op: str, dtype: torch.dtype, device: torch.device, kind: ScalarKind) -> bool:
     """Whether eager ``op(tensor, scalar)`` on a 16-bit tensor rounds the scalar to ``dtype``
     before computing in float32, as found by trying it once per process. Torch is not
     uniform: on CPU ``add`` and ``sub`` round a scalar, ``mul`` and ``div`` do not; on CUDA a
     Python number is not rounded and a 0-d tensor on the device is."""
     if op not in ("add", "sub", "mul", "div"):
         return False
-    tensor = torch.linspace(-3.0, 3.0, 4097, device=device).to(dtype)
-    probe = 0.3  # representable in neither 16-bit format
-    scalar = probe if kind is None else torch.tensor(probe, dtype=kind[0], device=kind[1])
-    rounded = ELEMENTWISE[op](tensor.float(), float(torch.tensor(probe, dtype=dtype))).to(dtype)
+    tensor, scalar = probe_operands(dtype, device, kind)
+    rounded = ELEMENTWISE[op](tensor.float(), float(torch.tensor(PROBE_SCALAR, dtype=dtype))).to(dtype)
     return torch.equal(ELEMENTWISE[op](tensor, scalar), rounded)
 
 
@@ -181,7 +172,9 @@ class _Program:
                     continue
                 name = f"c{len(self.coefficients)}"
                 self.coefficients.append(_coefficient(arg, device))
-                if work_dtype in _OPMATH_FLOAT32 and _eager_rounds_scalar(node.op, work_dtype, device, _kind(arg)):
+                if work_dtype in _OPMATH_FLOAT32 and _eager_rounds_scalar(
+                    node.op, work_dtype, device, scalar_kind(arg)
+                ):
                     name = _rounded(name, work_dtype)
                 args.append(name)
             names[node.index] = result_names.get(node.index, f"v{node.index}")

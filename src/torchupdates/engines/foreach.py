@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from ..formula import ELEMENTWISE, ForeachGraph, Node, Scalar, Symbol
+from ..formula import ELEMENTWISE, ForeachGraph, Node, Scalar, ScalarKind, Symbol, probe_operands, scalar_kind
 from . import _cpu
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
 
@@ -135,7 +135,7 @@ class _EagerGraph(ForeachGraph):
             and not isinstance(scalar, list)
             and not torch.compiler.is_compiling()
         ):
-            variant = _foreach_variant(node.op, first[0].dtype, first[0].device, _kind(scalar))
+            variant = _foreach_variant(node.op, first[0].dtype, first[0].device, scalar_kind(scalar))
             if variant == "out of place":
                 return list(_OUT_OF_PLACE[node.op](first, scalar))
             if variant == "eager":
@@ -143,21 +143,12 @@ class _EagerGraph(ForeachGraph):
         return None
 
 
-def _kind(scalar: Scalar) -> tuple[torch.dtype, torch.device] | None:
-    """What kind of scalar operand torch sees: a Python number (``None``) or a 0-d tensor."""
-    return (scalar.dtype, scalar.device) if isinstance(scalar, Tensor) else None
-
-
 @functools.cache
-def _foreach_variant(
-    op: str, dtype: torch.dtype, device: torch.device, kind: tuple[torch.dtype, torch.device] | None
-) -> str:
+def _foreach_variant(op: str, dtype: torch.dtype, device: torch.device, kind: ScalarKind) -> str:
     """The first foreach variant of ``op(tensor, scalar)`` that rounds every element as the
     eager single-tensor operation does: ``"in place"``, ``"out of place"`` or ``"eager"``
     (neither: one eager call per tensor). Found by trying them once per process."""
-    tensor = torch.linspace(-3.0, 3.0, 4097, device=device).to(dtype) + 0.5
-    probe = 0.3  # representable in neither 16-bit format
-    scalar: Scalar = probe if kind is None else torch.tensor(probe, dtype=kind[0], device=kind[1])
+    tensor, scalar = probe_operands(dtype, device, kind)
     expected = ELEMENTWISE[op](tensor, scalar)
     in_place = tensor.clone()
     try:

@@ -74,24 +74,28 @@ tensor([0.8750, 3.0000])
 from ._foreach import ForeachGraph
 from ._graph import Graph, Node, Scalar, Symbol, is_scalar
 from ._math import Array, Value, maximum, sqrt, square
-from ._ops import COMMUTATIVE, ELEMENTWISE, FOREACH
+from ._ops import COMMUTATIVE, ELEMENTWISE, FOREACH, PROBE_SCALAR, ScalarKind, probe_operands, scalar_kind
 from ._sqrt import needs_wide_sqrt, numpy_sqrt, sqrt_tensor
 
 __all__ = [
     "COMMUTATIVE",
     "ELEMENTWISE",
     "FOREACH",
+    "PROBE_SCALAR",
     "Array",
     "ForeachGraph",
     "Graph",
     "Node",
     "Scalar",
+    "ScalarKind",
     "Symbol",
     "Value",
     "is_scalar",
     "maximum",
     "needs_wide_sqrt",
     "numpy_sqrt",
+    "probe_operands",
+    "scalar_kind",
     "sqrt",
     "sqrt_tensor",
     "square",

@@ -42,3 +42,28 @@ lists of tensors of one device and dtype; square roots correctly rounded."""
 
 COMMUTATIVE = frozenset({"add", "mul"})
 """Operations whose operands may swap: IEEE ``a + b == b + a`` and ``a * b == b * a``, bit for bit."""
+
+
+ScalarKind = tuple[torch.dtype, torch.device] | None
+"""How eager torch sees a scalar operand: a Python number (``None``) or a 0-d tensor of this
+dtype and device. Eager 16-bit arithmetic rounds a scalar differently by kind (and by
+operation and device), so engines that must round as eager does ask per kind."""
+
+
+def scalar_kind(scalar: object) -> ScalarKind:
+    """The :data:`ScalarKind` of ``scalar``."""
+    return (scalar.dtype, scalar.device) if isinstance(scalar, Tensor) else None
+
+
+def probe_operands(dtype: torch.dtype, device: torch.device, kind: ScalarKind) -> tuple[Tensor, float | Tensor]:
+    """Operands on which the ways of rounding a scalar operand of a 16-bit operation give
+    different results: 4,097 values of ``dtype`` on ``device`` and the scalar 0.3
+    (representable in neither 16-bit format) of the given kind. An engine compares its
+    variant with eager torch on them, once per process."""
+    tensor = torch.linspace(-3.0, 3.0, 4097, device=device).to(dtype) + 0.5
+    scalar: float | Tensor = PROBE_SCALAR if kind is None else torch.tensor(PROBE_SCALAR, dtype=kind[0], device=kind[1])
+    return tensor, scalar
+
+
+PROBE_SCALAR = 0.3
+"""The scalar of :func:`probe_operands`."""
