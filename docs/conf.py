@@ -39,7 +39,7 @@ mathjax3_config = {
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_preserve_defaults = True
+autodoc_preserve_defaults = False
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 

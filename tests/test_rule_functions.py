@@ -129,3 +129,18 @@ def test_torch_spellings_name_the_keyword_used_here() -> None:
         updates.rmsprop(params(), lr=0.01, alpha=0.99)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'alpha'$"):
         updates.adam(params(), alpha=0.99)  # adam has no rho: Python's own message
+
+
+def test_the_step_options_are_keywords_of_every_rule_with_the_optimizers_defaults(rule_entry: registry.Entry) -> None:
+    rule_parameters = inspect.signature(rule_entry.factory).parameters
+    optimizer_parameters = inspect.signature(updates.Optimizer).parameters
+    for name in ("engine", "state_dtype", "skip_nonfinite", "max_grad_norm"):
+        assert rule_parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert rule_parameters[name].default == optimizer_parameters[name].default
+
+
+def test_a_misspelt_keyword_is_pythons_type_error_naming_it() -> None:
+    with pytest.raises(TypeError, match=r"^adam\(\) got an unexpected keyword argument 'learing_rate'$"):
+        updates.adam(params(), learing_rate=0.1)
+    with pytest.raises(TypeError, match=r"^sgd\(\) got an unexpected keyword argument 'weight_decay'$"):
+        updates.sgd(params(), 0.1, weight_decay=0.1)

@@ -8,6 +8,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from ._docs import filled
 from .formula import Scalar
 from .transform import NON_NEGATIVE, Hyperparameter, check_hyperparameter
 
@@ -86,6 +87,7 @@ def check_norm_axes(ndim: int, norm_axes: Sequence[int] | int | None) -> tuple[i
     return tuple(axes)
 
 
+@filled
 def norm_constraint(
     tensor: Tensor, max_norm: Scalar, norm_axes: Sequence[int] | None = None, epsilon: Scalar = 1e-7
 ) -> Tensor:
@@ -127,11 +129,7 @@ def norm_constraint(
         ("Unsupported tensor dimensionality ..."), for bad axes, and for negative
         ``max_norm`` or ``epsilon``.
 
-    References
-    ----------
-    .. [1] Srivastava, N., Hinton, G., Krizhevsky, A., Sutskever, I. and Salakhutdinov, R.
-       (2014): Dropout: A simple way to prevent neural networks from overfitting.
-       JMLR, 15:1929-1958, section 5.1.
+    {max_norm_references}
 
     Examples
     --------

@@ -8,6 +8,7 @@ from typing import cast
 
 from torch import Tensor
 
+from ._docs import filled
 from .constraints import check_norm_axes, norm_constraint
 from .formula import Array, Scalar
 from .optimizer import Optimizer
@@ -35,6 +36,7 @@ MOMENTUM = Transform("apply_momentum", _MOMENTUM_HYPERPARAMETERS, ("velocity",),
 NESTEROV_MOMENTUM = Transform("apply_nesterov_momentum", _MOMENTUM_HYPERPARAMETERS, ("velocity",), _nesterov_momentum)
 
 
+@filled
 def apply_momentum(optimizer: Optimizer, params: Iterable[Tensor] | None = None, momentum: Scalar = 0.9) -> Optimizer:
     r"""Add (heavy-ball) momentum to any update rule.
 
@@ -58,19 +60,7 @@ def apply_momentum(optimizer: Optimizer, params: Iterable[Tensor] | None = None,
         Default 0.9. Stored in every param group under ``"momentum"`` (``"momentum_2"``
         and so on when that key is already taken).
 
-    Returns
-    -------
-    Optimizer
-        A new optimizer that takes over the wrapped one's param groups and state; step the
-        new one only. State per parameter: ``velocity`` (zero at the start).
-
-    Raises
-    ------
-    TypeError
-        When ``optimizer`` is not a torchupdates :class:`Optimizer`.
-    ValueError
-        When ``params`` holds a tensor the optimizer does not optimize, or ``momentum`` is
-        out of range.
+    {momentum_modifier_result}
 
     References
     ----------
@@ -88,6 +78,7 @@ def apply_momentum(optimizer: Optimizer, params: Iterable[Tensor] | None = None,
     return _compose(optimizer, MOMENTUM, params, momentum)
 
 
+@filled
 def apply_nesterov_momentum(
     optimizer: Optimizer, params: Iterable[Tensor] | None = None, momentum: Scalar = 0.9
 ) -> Optimizer:
@@ -113,19 +104,7 @@ def apply_nesterov_momentum(
         :math:`\mu` in [0, 1). Default 0.9. Stored in every param group under
         ``"momentum"`` (or the next free ``"momentum_N"``).
 
-    Returns
-    -------
-    Optimizer
-        A new optimizer that takes over the wrapped one's param groups and state; step the
-        new one only. State per parameter: ``velocity``.
-
-    Raises
-    ------
-    TypeError
-        When ``optimizer`` is not a torchupdates :class:`Optimizer`.
-    ValueError
-        When ``params`` holds a tensor the optimizer does not optimize, or ``momentum`` is
-        out of range.
+    {momentum_modifier_result}
 
     References
     ----------
@@ -154,6 +133,7 @@ _NORM_CONSTRAINT_HYPERPARAMETERS = (
 )
 
 
+@filled
 def apply_norm_constraint(
     optimizer: Optimizer,
     max_norm: Scalar,
@@ -216,11 +196,7 @@ def apply_norm_constraint(
     formulas: a step runs the stages before it without writing, rescales the proposals,
     then runs the stages after it, and writes everything at the end.
 
-    References
-    ----------
-    .. [1] Srivastava, N., Hinton, G., Krizhevsky, A., Sutskever, I. and Salakhutdinov, R.
-       (2014): Dropout: A simple way to prevent neural networks from overfitting.
-       JMLR, 15:1929-1958, section 5.1.
+    {max_norm_references}
 
     Examples
     --------

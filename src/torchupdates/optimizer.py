@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -31,10 +31,20 @@ from .engines import ENGINES, Batch, Engine, Stage
 from .engines.compiled import require_compiler
 from .transform import Transform, defaults_of
 
-__all__ = ["Optimizer", "ParamsT"]
+__all__ = ["Optimizer", "ParamsT", "StepOptions"]
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 """Parameters: tensors, or param-group dicts with ``"params"`` and hyperparameter overrides."""
+
+
+class StepOptions(TypedDict, total=False):
+    """The keyword options of every rule function besides its hyperparameters: how a step
+    runs and what guards it. Their defaults and meaning are those of :class:`Optimizer`."""
+
+    engine: str
+    state_dtype: torch.dtype | None
+    skip_nonfinite: bool
+    max_grad_norm: float | Tensor | None
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -165,10 +175,7 @@ class Optimizer(torch.optim.Optimizer):
         composed = type(self)(
             [dict(group) for group in self.param_groups],
             self._stages[0].transform,
-            engine=self.engine,
-            state_dtype=self.state_dtype,
-            skip_nonfinite=self.skip_nonfinite,
-            max_grad_norm=self.max_grad_norm,
+            **self._step_options(),
             _chain=((*self._stages, stage), defaults),
         )
         composed.skipped_steps, composed.grad_norm = self.skipped_steps, self.grad_norm
@@ -185,10 +192,7 @@ class Optimizer(torch.optim.Optimizer):
         # torch keeps only defaults, state and param_groups; the chain is needed too.
         state = super().__getstate__()
         state.update(
-            engine=self.engine,
-            state_dtype=self.state_dtype,
-            skip_nonfinite=self.skip_nonfinite,
-            max_grad_norm=self.max_grad_norm,
+            self._step_options(),
             grad_norm=self.grad_norm,
             skipped_steps=self.skipped_steps,
             _stages=self._stages,
@@ -196,6 +200,14 @@ class Optimizer(torch.optim.Optimizer):
             _pending_keys=self.__dict__.get("_pending_keys", {}),
         )
         return state
+
+    def _step_options(self) -> StepOptions:
+        return StepOptions(
+            engine=self.engine,
+            state_dtype=self.state_dtype,
+            skip_nonfinite=self.skip_nonfinite,
+            max_grad_norm=self.max_grad_norm,
+        )
 
     @property
     def rule_name(self) -> str:

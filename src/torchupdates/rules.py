@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
-import textwrap
 from collections.abc import Callable
-from typing import ParamSpec
+from typing import TYPE_CHECKING, ParamSpec
 
-import torch
-
+from ._docs import fill
 from .formula import Array, Scalar, maximum, sqrt, square
 from .modifiers import MOMENTUM, NESTEROV_MOMENTUM
-from .optimizer import Optimizer, ParamsT
+from .optimizer import Optimizer, ParamsT, StepOptions
 from .transform import NON_NEGATIVE, UNIT_INTERVAL, Hyperparameter, Transform
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "adadelta",
@@ -194,12 +194,17 @@ max_grad_norm : float or 0-d Tensor, optional, keyword only
     ``total_norm_constraint(grads, max_grad_norm)`` does (over every parameter the step
     updates; for FSDP2's DTensors, over every rank's shards). ``opt.grad_norm`` holds the
     norm before clipping of the last step, a 0-d tensor. Default None (no clipping).""",
+    "adam_family": r"""beta1 : float or 0-d Tensor, optional
+    Decay :math:`\beta_1` in [0, 1) of the first-moment estimate. Default 0.9.
+beta2 : float or 0-d Tensor, optional
+    Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
+epsilon : float or 0-d Tensor, optional
+    :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.""",
 }
-"""Numpydoc entries of the parameters that every rule function takes, written once.
+"""Numpydoc entries of the parameters that several rule functions take, written once.
 
-A line ``{name}`` alone in a rule's docstring is replaced by the entry, indented as the line."""
-
-_PLACEHOLDER = re.compile(r"^([ \t]*)\{(\w+)\}[ \t]*$", re.MULTILINE)
+A line ``{name}`` alone in a rule's docstring is replaced by the entry, indented as the line;
+``{options}`` by the entries of every keyword-only parameter of the rule's signature."""
 
 TORCH_SPELLINGS: dict[str, str] = {"eps": "epsilon", "alpha": "rho"}
 """torch.optim's keywords that are spelt differently here (Lasagne's names), to say so."""
@@ -207,20 +212,27 @@ TORCH_SPELLINGS: dict[str, str] = {"eps": "epsilon", "alpha": "rho"}
 _P = ParamSpec("_P")
 
 
-def _fill_shared_docs(doc: str) -> str:
-    def entry(match: re.Match[str]) -> str:
-        indent, name = match.groups()
-        return textwrap.indent(SHARED_PARAMETERS[name], indent)
+def _with_step_options(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` with its ``**options`` spelt out as :class:`Optimizer`'s keywords, defaults
+    included, so that ``help()``, Sphinx and argument binding see every keyword by name."""
+    own = [parameter for parameter in signature.parameters.values() if parameter.kind is not parameter.VAR_KEYWORD]
+    optimizer_parameters = inspect.signature(Optimizer.__init__).parameters
+    return signature.replace(parameters=[*own, *(optimizer_parameters[name] for name in StepOptions.__annotations__)])
 
-    return _PLACEHOLDER.sub(entry, doc)
+
+def _fill_shared_docs(doc: str, signature: inspect.Signature) -> str:
+    keyword_only = [
+        name for name, parameter in signature.parameters.items() if parameter.kind is parameter.KEYWORD_ONLY
+    ]
+    return fill(doc, lambda name: [SHARED_PARAMETERS[each] for each in (keyword_only if name == "options" else [name])])
 
 
 def _public(function: Callable[_P, Optimizer]) -> Callable[_P, Optimizer]:
-    """A rule function: its docstring completed with :data:`SHARED_PARAMETERS`, and torch.optim's
-    ``lr=`` (and ``betas=`` where the rule has ``beta1`` and ``beta2``) resolved to the
-    rule's own keywords before it runs."""
-    function.__doc__ = _fill_shared_docs(function.__doc__ or "")
-    signature = inspect.signature(function)
+    """A rule function: its signature spelt out with the step options, its docstring completed
+    with :data:`SHARED_PARAMETERS`, and torch.optim's ``lr=`` (and ``betas=`` where the rule
+    has ``beta1`` and ``beta2``) resolved to the rule's own keywords before it runs."""
+    signature = _with_step_options(inspect.signature(function))
+    function.__doc__ = _fill_shared_docs(function.__doc__ or "", signature)
     name = function.__name__
     target: Callable[..., Optimizer] = function
 
@@ -231,12 +243,10 @@ def _public(function: Callable[_P, Optimizer]) -> Callable[_P, Optimizer]:
                 raise TypeError(
                     f"{name}() got an unexpected keyword argument {torch_name!r}: here it is {ours!r} (Lasagne's name)"
                 )
-        if kwargs.get("lr") is None and kwargs.get("betas") is None:
-            return target(*args, **kwargs)
         try:
-            given = signature.bind_partial(*args, **kwargs)
-        except TypeError:
-            return target(*args, **kwargs)  # Python's own message for a call that does not fit
+            given = signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{name}() {error}") from None
         arguments = given.arguments
         lr = arguments.pop("lr", None)
         if lr is not None:
@@ -258,6 +268,7 @@ def _public(function: Callable[_P, Optimizer]) -> Callable[_P, Optimizer]:
             arguments["beta1"], arguments["beta2"] = betas
         return target(*given.args, **given.kwargs)
 
+    rule.__signature__ = signature  # type: ignore[attr-defined]
     return rule
 
 
@@ -267,10 +278,7 @@ def sgd(
     learning_rate: Scalar | None = None,
     *,
     lr: Scalar | None = None,
-    engine: str = "foreach",
-    state_dtype: torch.dtype | None = None,
-    skip_nonfinite: bool = False,
-    max_grad_norm: Scalar | None = None,
+    **options: Unpack[StepOptions],
 ) -> Optimizer:
     r"""Stochastic gradient descent.
 
@@ -282,11 +290,7 @@ def sgd(
     learning_rate : float or 0-d Tensor
         Step size :math:`\eta >= 0`, required (or given as ``lr``). A tensor is read at
         every step, so changing it in place changes the next step.
-    {lr}
-    {engine}
-    {state_dtype}
-    {skip_nonfinite}
-    {max_grad_norm}
+    {options}
 
     Returns
     -------
@@ -298,15 +302,7 @@ def sgd(
     .. [1] Robbins, H. and Monro, S. (1951): A stochastic approximation method.
        The Annals of Mathematical Statistics, 22(3):400-407.
     """
-    return Optimizer(
-        params,
-        SGD,
-        engine=engine,
-        state_dtype=state_dtype,
-        skip_nonfinite=skip_nonfinite,
-        max_grad_norm=max_grad_norm,
-        learning_rate=learning_rate,
-    )
+    return Optimizer(params, SGD, learning_rate=learning_rate, **options)
 
 
 @_public
@@ -316,10 +312,7 @@ def momentum(
     momentum: Scalar = 0.9,
     *,
     lr: Scalar | None = None,
-    engine: str = "foreach",
-    state_dtype: torch.dtype | None = None,
-    skip_nonfinite: bool = False,
-    max_grad_norm: Scalar | None = None,
+    **options: Unpack[StepOptions],
 ) -> Optimizer:
     r"""SGD with (heavy-ball) momentum: :func:`sgd` followed by :func:`apply_momentum`.
 
@@ -341,11 +334,7 @@ def momentum(
         :math:`\mu` in [0, 1). Higher momentum smooths over more steps and also makes the
         steps larger; scaling the learning rate by ``1 - momentum`` compensates.
         Default 0.9.
-    {lr}
-    {engine}
-    {state_dtype}
-    {skip_nonfinite}
-    {max_grad_norm}
+    {options}
 
     Returns
     -------
@@ -357,15 +346,7 @@ def momentum(
     .. [1] Polyak, B. T. (1964): Some methods of speeding up the convergence of iteration
        methods. USSR Computational Mathematics and Mathematical Physics, 4(5):1-17.
     """
-    base = Optimizer(
-        params,
-        SGD,
-        engine=engine,
-        state_dtype=state_dtype,
-        skip_nonfinite=skip_nonfinite,
-        max_grad_norm=max_grad_norm,
-        learning_rate=learning_rate,
-    )
+    base = Optimizer(params, SGD, learning_rate=learning_rate, **options)
     return base.compose(MOMENTUM, None, momentum=momentum)
 
 
@@ -376,10 +357,7 @@ def nesterov_momentum(
     momentum: Scalar = 0.9,
     *,
     lr: Scalar | None = None,
-    engine: str = "foreach",
-    state_dtype: torch.dtype | None = None,
-    skip_nonfinite: bool = False,
-    max_grad_norm: Scalar | None = None,
+    **options: Unpack[StepOptions],
 ) -> Optimizer:
     r"""SGD with Nesterov momentum: :func:`sgd` followed by :func:`apply_nesterov_momentum`.
 
@@ -401,11 +379,7 @@ def nesterov_momentum(
         Step size :math:`\eta >= 0`, required (or given as ``lr``).
     momentum : float or 0-d Tensor, optional
         :math:`\mu` in [0, 1). Default 0.9.
-    {lr}
-    {engine}
-    {state_dtype}
-    {skip_nonfinite}
-    {max_grad_norm}
+    {options}
 
     Returns
     -------
@@ -419,15 +393,7 @@ def nesterov_momentum(
     .. [2] Bengio, Y., Boulanger-Lewandowski, N. and Pascanu, R. (2013): Advances in
        optimizing recurrent networks. ICASSP 2013, arXiv:1212.0901.
     """
-    base = Optimizer(
-        params,
-        SGD,
-        engine=engine,
-        state_dtype=state_dtype,
-        skip_nonfinite=skip_nonfinite,
-        max_grad_norm=max_grad_norm,
-        learning_rate=learning_rate,
-    )
+    base = Optimizer(params, SGD, learning_rate=learning_rate, **options)
     return base.compose(NESTEROV_MOMENTUM, None, momentum=momentum)
 
 
@@ -438,10 +404,7 @@ def adagrad(
     epsilon: Scalar = 1e-6,
     *,
     lr: Scalar | None = None,
-    engine: str = "foreach",
-    state_dtype: torch.dtype | None = None,
-    skip_nonfinite: bool = False,
-    max_grad_norm: Scalar | None = None,
+    **options: Unpack[StepOptions],
 ) -> Optimizer:
     r"""Adagrad: per-element step sizes shrinking with the accumulated squared gradients.
 
@@ -459,11 +422,7 @@ def adagrad(
         :math:`\eta >= 0`. Default 1.0.
     epsilon : float or 0-d Tensor, optional
         :math:`\epsilon >= 0`, for numerical stability. Default 1e-6.
-    {lr}
-    {engine}
-    {state_dtype}
-    {skip_nonfinite}
-    {max_grad_norm}
+    {options}
 
     Returns
     -------
@@ -476,16 +435,7 @@ def adagrad(
        online learning and stochastic optimization. JMLR, 12:2121-2159.
     .. [2] Dyer, C.: Notes on AdaGrad. http://www.ark.cs.cmu.edu/cdyer/adagrad.pdf
     """
-    return Optimizer(
-        params,
-        ADAGRAD,
-        engine=engine,
-        state_dtype=state_dtype,
-        skip_nonfinite=skip_nonfinite,
-        max_grad_norm=max_grad_norm,
-        learning_rate=learning_rate,
-        epsilon=epsilon,
-    )
+    return Optimizer(params, ADAGRAD, learning_rate=learning_rate, epsilon=epsilon, **options)
 
 
 @_public
@@ -496,10 +446,7 @@ def rmsprop(
     epsilon: Scalar = 1e-6,
     *,
     lr: Scalar | None = None,
-    engine: str = "foreach",
-    state_dtype: torch.dtype | None = None,
-    skip_nonfinite: bool = False,
-    max_grad_norm: Scalar | None = None,
+    **options: Unpack[StepOptions],
 ) -> Optimizer:
     r"""RMSProp: divide the step by a moving root mean square of the gradients.
 
@@ -517,11 +464,7 @@ def rmsprop(
         Default 0.9.
     epsilon : float or 0-d Tensor, optional
         :math:`\epsilon >= 0`, inside the square root. Default 1e-6.
-    {lr}
-    {engine}
-    {state_dtype}
-    {skip_nonfinite}
-    {max_grad_norm}
+    {options}
 
     Returns
     -------
@@ -533,17 +476,7 @@ def rmsprop(
     .. [1] Tieleman, T. and Hinton, G. (2012): Neural Networks for Machine Learning,
        Lecture 6.5 - rmsprop. Coursera.
     """
-    return Optimizer(
-        params,
-        RMSPROP,
-        engine=engine,
-        state_dtype=state_dtype,
-        skip_nonfinite=skip_nonfinite,
-        max_grad_norm=max_grad_norm,
-        learning_rate=learning_rate,
-        rho=rho,
-        epsilon=epsilon,
-    )
+    return Optimizer(params, RMSPROP, learning_rate=learning_rate, rho=rho, epsilon=epsilon, **options)
 
 
 @_public
@@ -554,10 +487,7 @@ def adadelta(
     epsilon: Scalar = 1e-6,
     *,
     lr: Scalar | None = None,
-    engine: str = "foreach",
-    state_dtype: torch.dtype | None = None,
-    skip_nonfinite: bool = False,
-    max_grad_norm: Scalar | None = None,
+    **options: Unpack[StepOptions],
 ) -> Optimizer:
     r"""Adadelta: step sizes from the ratio of past update and gradient magnitudes.
 
@@ -579,11 +509,7 @@ def adadelta(
         Decay :math:`\rho` in [0, 1). Default 0.95, as suggested in the paper.
     epsilon : float or 0-d Tensor, optional
         :math:`\epsilon >= 0`. Default 1e-6.
-    {lr}
-    {engine}
-    {state_dtype}
-    {skip_nonfinite}
-    {max_grad_norm}
+    {options}
 
     Returns
     -------
@@ -595,17 +521,7 @@ def adadelta(
     .. [1] Zeiler, M. D. (2012): ADADELTA: An adaptive learning rate method.
        arXiv:1212.5701.
     """
-    return Optimizer(
-        params,
-        ADADELTA,
-        engine=engine,
-        state_dtype=state_dtype,
-        skip_nonfinite=skip_nonfinite,
-        max_grad_norm=max_grad_norm,
-        learning_rate=learning_rate,
-        rho=rho,
-        epsilon=epsilon,
-    )
+    return Optimizer(params, ADADELTA, learning_rate=learning_rate, rho=rho, epsilon=epsilon, **options)
 
 
 @_public
@@ -618,10 +534,7 @@ def adam(
     *,
     lr: Scalar | None = None,
     betas: tuple[Scalar, Scalar] | None = None,
-    engine: str = "foreach",
-    state_dtype: torch.dtype | None = None,
-    skip_nonfinite: bool = False,
-    max_grad_norm: Scalar | None = None,
+    **options: Unpack[StepOptions],
 ) -> Optimizer:
     r"""Adam: steps from bias-corrected moving moments of the gradient.
 
@@ -642,18 +555,8 @@ def adam(
     {params}
     learning_rate : float or 0-d Tensor, optional
         :math:`\eta >= 0`. Default 0.001.
-    beta1 : float or 0-d Tensor, optional
-        Decay :math:`\beta_1` in [0, 1) of the first-moment estimate. Default 0.9.
-    beta2 : float or 0-d Tensor, optional
-        Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
-    epsilon : float or 0-d Tensor, optional
-        :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
-    {lr}
-    {betas}
-    {engine}
-    {state_dtype}
-    {skip_nonfinite}
-    {max_grad_norm}
+    {adam_family}
+    {options}
 
     Returns
     -------
@@ -665,18 +568,7 @@ def adam(
     .. [1] Kingma, D. P. and Ba, J. (2014): Adam: A method for stochastic optimization.
        arXiv:1412.6980.
     """
-    return Optimizer(
-        params,
-        ADAM,
-        engine=engine,
-        state_dtype=state_dtype,
-        skip_nonfinite=skip_nonfinite,
-        max_grad_norm=max_grad_norm,
-        learning_rate=learning_rate,
-        beta1=beta1,
-        beta2=beta2,
-        epsilon=epsilon,
-    )
+    return Optimizer(params, ADAM, learning_rate=learning_rate, beta1=beta1, beta2=beta2, epsilon=epsilon, **options)
 
 
 @_public
@@ -689,10 +581,7 @@ def adamax(
     *,
     lr: Scalar | None = None,
     betas: tuple[Scalar, Scalar] | None = None,
-    engine: str = "foreach",
-    state_dtype: torch.dtype | None = None,
-    skip_nonfinite: bool = False,
-    max_grad_norm: Scalar | None = None,
+    **options: Unpack[StepOptions],
 ) -> Optimizer:
     r"""Adamax: the Adam variant based on the infinity norm.
 
@@ -707,18 +596,8 @@ def adamax(
     {params}
     learning_rate : float or 0-d Tensor, optional
         :math:`\eta >= 0`. Default 0.002.
-    beta1 : float or 0-d Tensor, optional
-        Decay :math:`\beta_1` in [0, 1) of the first-moment estimate. Default 0.9.
-    beta2 : float or 0-d Tensor, optional
-        Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
-    epsilon : float or 0-d Tensor, optional
-        :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
-    {lr}
-    {betas}
-    {engine}
-    {state_dtype}
-    {skip_nonfinite}
-    {max_grad_norm}
+    {adam_family}
+    {options}
 
     Returns
     -------
@@ -730,18 +609,7 @@ def adamax(
     .. [1] Kingma, D. P. and Ba, J. (2014): Adam: A method for stochastic optimization.
        arXiv:1412.6980, section 7.1.
     """
-    return Optimizer(
-        params,
-        ADAMAX,
-        engine=engine,
-        state_dtype=state_dtype,
-        skip_nonfinite=skip_nonfinite,
-        max_grad_norm=max_grad_norm,
-        learning_rate=learning_rate,
-        beta1=beta1,
-        beta2=beta2,
-        epsilon=epsilon,
-    )
+    return Optimizer(params, ADAMAX, learning_rate=learning_rate, beta1=beta1, beta2=beta2, epsilon=epsilon, **options)
 
 
 @_public
@@ -754,10 +622,7 @@ def amsgrad(
     *,
     lr: Scalar | None = None,
     betas: tuple[Scalar, Scalar] | None = None,
-    engine: str = "foreach",
-    state_dtype: torch.dtype | None = None,
-    skip_nonfinite: bool = False,
-    max_grad_norm: Scalar | None = None,
+    **options: Unpack[StepOptions],
 ) -> Optimizer:
     r"""AMSGrad: Adam whose step uses the running maximum of the second moment.
 
@@ -773,18 +638,8 @@ def amsgrad(
     {params}
     learning_rate : float or 0-d Tensor, optional
         :math:`\eta >= 0`. Default 0.001.
-    beta1 : float or 0-d Tensor, optional
-        Decay :math:`\beta_1` in [0, 1) of the first-moment estimate. Default 0.9.
-    beta2 : float or 0-d Tensor, optional
-        Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
-    epsilon : float or 0-d Tensor, optional
-        :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
-    {lr}
-    {betas}
-    {engine}
-    {state_dtype}
-    {skip_nonfinite}
-    {max_grad_norm}
+    {adam_family}
+    {options}
 
     Returns
     -------
@@ -796,15 +651,4 @@ def amsgrad(
     .. [1] Reddi, S. J., Kale, S. and Kumar, S. (2018): On the convergence of Adam and
        beyond. ICLR 2018. https://openreview.net/forum?id=ryQu7f-RZ
     """
-    return Optimizer(
-        params,
-        AMSGRAD,
-        engine=engine,
-        state_dtype=state_dtype,
-        skip_nonfinite=skip_nonfinite,
-        max_grad_norm=max_grad_norm,
-        learning_rate=learning_rate,
-        beta1=beta1,
-        beta2=beta2,
-        epsilon=epsilon,
-    )
+    return Optimizer(params, AMSGRAD, learning_rate=learning_rate, beta1=beta1, beta2=beta2, epsilon=epsilon, **options)
