@@ -73,6 +73,29 @@ def test_a_nonfinite_batch_is_skipped(rule: str, engine: str, dtype: torch.dtype
     assert_same(tensors(skipping, skipping_params), tensors(clean, clean_params))
 
 
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_finite_gradients_whose_squares_overflow_are_not_skipped(dtype: torch.dtype, clip: float | None) -> None:
+    # 3e19 (float32) and 300 (float16) square to infinity: a norm-based check alone would
+    # take these finite batches for non-finite ones. A 0-element gradient rides along.
+    big = 3e19 if dtype == torch.float32 else 300.0
+    params = [torch.zeros(4, dtype=dtype, requires_grad=True), torch.zeros(0, dtype=dtype, requires_grad=True)]
+    grads = [torch.tensor([big, -big, 1.0, 0.0], dtype=dtype), torch.zeros(0, dtype=dtype)]
+    opt = updates.sgd(params, 0.5, skip_nonfinite=True, max_grad_norm=clip)
+    opt.step(grads)
+    assert opt.skipped_steps == 0
+    expected = [-0.5 * big, 0.5 * big, -0.5, 0.0]
+    if clip is not None:  # the norm, by hand: sqrt(2 big^2 + 1); clip / (1e-7 + norm) scales the step
+        norm = (2 * big**2 + 1) ** 0.5
+        expected = [-0.5 * g * (clip / (1e-7 + norm)) for g in (big, -big, 1.0, 0.0)]
+    torch.testing.assert_close(
+        params[0].detach().double(), torch.tensor(expected, dtype=torch.float64), rtol=2e-3, atol=0
+    )
+    grads[0][2] = float("nan")
+    opt.step(grads)
+    assert opt.skipped_steps == 1
+
+
 @pytest.mark.parametrize("engine", ["foreach", pytest.param("compiled", marks=needs_compiler)])
 def test_skipping_from_grad_writes_nothing_and_survives_a_checkpoint(engine: str) -> None:
     # The steady-state path of a training loop (.grad kept between steps).

@@ -8,10 +8,14 @@ state is created or written:
   parameter the step updates, with its default epsilon. So a step with ``max_grad_norm=c``
   equals, bit for bit, ``opt.step(total_norm_constraint(grads, c))`` on an optimizer
   without it. For DTensor gradients (FSDP2) the norm is over every shard of every rank.
-- the check asks whether any gradient (after clipping) holds a NaN or an infinity. It is
-  one pass over the gradients and one read of the answer on the host per step: for each
-  gradient ``sum(g * 0)``, which is 0 when ``g`` is finite and NaN otherwise (``inf * 0`` is
-  NaN), so no sum of large finite values can overflow into a false alarm.
+- the check asks whether any gradient (after clipping) holds a NaN or an infinity, with one
+  read of the answer on the host per step. With clipping, the joint norm already answers it:
+  it is finite exactly when every gradient is (its overflow rescue makes it finite for
+  large finite values), and the clipped gradients, scaled by at most 1, are then finite
+  too. Without clipping, one multi-tensor pass takes each gradient's Euclidean norm (NaN
+  and infinity propagate into it); only when a norm is not finite, which squaring very
+  large finite values can also cause, does a second pass decide exactly, by
+  ``sum(g * 0)``: 0 when ``g`` is finite and NaN otherwise (``inf * 0`` is NaN).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "check_guard_options"]
+__all__ = ["all_finite", "check_guard_options", "is_finite"]
 
 
 def check_guard_options(skip_nonfinite: object, max_grad_norm: object) -> None:
@@ -47,9 +51,25 @@ def all_finite(grads: Sequence[Tensor]) -> bool:
     """Whether every element of every gradient is finite (all ranks' shards of a DTensor)."""
     if not grads:
         return True
+    plain = [grad for grad in grads if type(grad) is Tensor and grad.numel()]
+    if len(plain) == len(grads) and _norms_are_finite(plain):
+        return True
     probes = [torch.sum(grad * 0) for grad in grads]
     total = probes[0]
     for probe in probes[1:]:
         total = total + probe.to(total.device)
-    local = total.full_tensor() if hasattr(total, "full_tensor") else total
-    return bool(torch.isfinite(local))
+    return is_finite(total)
+
+
+def _norms_are_finite(grads: list[Tensor]) -> bool:
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for grad in grads:
+        by_device.setdefault(grad.device, []).append(grad)
+    verdicts = [torch.stack(torch._foreach_norm(group)).isfinite().all() for group in by_device.values()]
+    return all(bool(verdict) for verdict in verdicts)
+
+
+def is_finite(value: Tensor) -> bool:
+    """Whether the 0-d ``value`` is finite; for a DTensor, its value over all ranks."""
+    full = value.full_tensor() if hasattr(value, "full_tensor") else value
+    return bool(torch.isfinite(full))

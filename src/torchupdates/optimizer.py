@@ -22,7 +22,7 @@ from ._groups import (
     unknown_keys,
     unknown_keys_error,
 )
-from ._guards import all_finite, check_guard_options
+from ._guards import all_finite, check_guard_options, is_finite
 from ._segments import is_per_tensor, run_in_segments
 from ._slots import LossOrGrads, checked_gradients, init_state, make_slot, run_closure, traced_batches
 from .apply import write_updates
@@ -376,9 +376,11 @@ class Optimizer(torch.optim.Optimizer):
         if (self.max_grad_norm is None and not self.skip_nonfinite) or not checked:
             return checked
         grads = [grad for *_, grad in checked]
+        norm = None
         if self.max_grad_norm is not None:
-            grads, self.grad_norm = total_norm_constraint(grads, self.max_grad_norm, return_norm=True)
-        if self.skip_nonfinite and not all_finite(grads):
+            grads, norm = total_norm_constraint(grads, self.max_grad_norm, return_norm=True)
+            self.grad_norm = norm
+        if self.skip_nonfinite and not (all_finite(grads) if norm is None else is_finite(norm)):
             self.skipped_steps += 1
             return None
         return [(*entry[:3], grad) for entry, grad in zip(checked, grads, strict=True)]
