@@ -21,12 +21,84 @@ state is created or written:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "check_guard_options", "is_finite"]
+from ._slots import work_dtype
+from .constraints import clip_factor, joint_norm
+from .engines import Stage
+from .formula import Array, Scalar
+from .transform import NON_NEGATIVE, Hyperparameter, Transform
+
+__all__ = ["SCALE_GRADIENTS", "Guarded", "all_finite", "check_guard_options", "guard", "is_finite"]
+
+Checked = list[tuple[int, int, Tensor, Tensor]]
+"""(flat position, group index, parameter, gradient) of each parameter a step updates."""
+
+
+def _scale_gradients(
+    param: Array, grad: Array, state: dict[str, Array], t: None, *, scale: Scalar
+) -> tuple[Array, dict[str, Array]]:
+    return grad * scale, {}
+
+
+SCALE_GRADIENTS = Stage(
+    Transform("max_grad_norm", (Hyperparameter("scale", None, NON_NEGATIVE),), (), _scale_gradients),
+    {"scale": "scale"},
+    {},
+    None,
+    None,
+)
+"""A stage put before the rule for one step: the rule then sees ``grad * scale``, the clipped
+gradient, computed by the engine inside its fused pass instead of as new tensors first.
+``grad * scale`` is the same operation, so the same rounding, as
+:func:`~torchupdates.total_norm_constraint`'s ``tensor * multiplier``."""
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """What the guards make of one step's gradients.
+
+    ``checked`` is None for a step to skip. ``scale`` is the clipping factor when the
+    engines are to apply it (the gradients in ``checked`` are then unclipped), else None.
+    """
+
+    checked: Checked | None
+    norm: Tensor | None
+    scale: Tensor | None
+
+
+def guard(
+    checked: Checked, max_grad_norm: Scalar | None, skip_nonfinite: bool, state_dtype: torch.dtype | None, fold: bool
+) -> Guarded:
+    """Clip (``max_grad_norm``) and check (``skip_nonfinite``) a step's gradients. ``fold``:
+    the chain can take the clipping factor as :data:`SCALE_GRADIENTS`; it does when every
+    gradient is a plain dense real tensor already in its working dtype (elsewhere the factor
+    would apply after a conversion, which rounds differently)."""
+    if (max_grad_norm is None and not skip_nonfinite) or not checked:
+        return Guarded(checked, None, None)
+    grads = [grad for *_, grad in checked]
+    if max_grad_norm is None:
+        return Guarded(checked if not skip_nonfinite or all_finite(grads) else None, None, None)
+    norm = joint_norm(grads)
+    if skip_nonfinite and not is_finite(norm):
+        return Guarded(None, norm, None)
+    scale = clip_factor(norm, max_grad_norm)
+    if fold and all(_in_working_dtype(param, grad, state_dtype) for _, _, param, grad in checked):
+        return Guarded(checked, norm, scale)
+    return Guarded([(*entry[:3], grad * scale) for entry, grad in zip(checked, grads, strict=True)], norm, None)
+
+
+def _in_working_dtype(param: Tensor, grad: Tensor, state_dtype: torch.dtype | None) -> bool:
+    return (
+        type(grad) is Tensor
+        and grad.layout == torch.strided
+        and not grad.is_complex()
+        and work_dtype(param, state_dtype) == grad.dtype
+    )
 
 
 def check_guard_options(skip_nonfinite: object, max_grad_norm: object) -> None:

@@ -14,6 +14,9 @@ from .transform import NON_NEGATIVE, Hyperparameter, check_hyperparameter
 
 __all__ = ["check_norm_axes", "norm_constraint", "total_norm_constraint"]
 
+DEFAULT_EPSILON = 1e-7
+"""The default epsilon of both constraints (added to the norm in the denominator)."""
+
 _MAX_NORM = Hyperparameter("max_norm", None, NON_NEGATIVE)
 _EPSILON = Hyperparameter("epsilon", None, NON_NEGATIVE)
 
@@ -89,7 +92,7 @@ def check_norm_axes(ndim: int, norm_axes: Sequence[int] | int | None) -> tuple[i
 
 @filled
 def norm_constraint(
-    tensor: Tensor, max_norm: Scalar, norm_axes: Sequence[int] | None = None, epsilon: Scalar = 1e-7
+    tensor: Tensor, max_norm: Scalar, norm_axes: Sequence[int] | None = None, epsilon: Scalar = DEFAULT_EPSILON
 ) -> Tensor:
     r"""Rescale the slices of a tensor whose norm exceeds ``max_norm`` (max-norm constraint).
 
@@ -172,7 +175,7 @@ def total_norm_constraint(
     tensors: Iterable[Tensor], max_norm: Scalar, epsilon: Scalar, return_norm: Literal[True]
 ) -> tuple[list[Tensor], Tensor]: ...
 def total_norm_constraint(
-    tensors: Iterable[Tensor], max_norm: Scalar, epsilon: Scalar = 1e-7, return_norm: bool = False
+    tensors: Iterable[Tensor], max_norm: Scalar, epsilon: Scalar = DEFAULT_EPSILON, return_norm: bool = False
 ) -> list[Tensor] | tuple[list[Tensor], Tensor]:
     r"""Rescale a list of tensors together so that their joint norm is at most ``max_norm``.
 
@@ -227,6 +230,14 @@ def total_norm_constraint(
         raise ValueError("total_norm_constraint needs at least one tensor")
     check_hyperparameter("total_norm_constraint", _MAX_NORM, max_norm)
     check_hyperparameter("total_norm_constraint", _EPSILON, epsilon)
+    norm = joint_norm(tensors)
+    multiplier = clip_factor(norm, max_norm, epsilon)
+    scaled = [tensor * multiplier for tensor in tensors]
+    return (scaled, norm) if return_norm else scaled
+
+
+def joint_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """:func:`total_norm_constraint`'s :math:`n` of checked, non-empty ``tensors``."""
     norm = torch.sqrt(_total(_sum_of_squares(t) for t in tensors))
 
     def largest() -> Tensor:
@@ -235,7 +246,9 @@ def total_norm_constraint(
             magnitude = torch.maximum(magnitude, _largest_magnitude(tensor))
         return magnitude
 
-    norm = _without_overflow(norm, largest, lambda scale: _total(_sum_of_squares(t / scale) for t in tensors))
-    multiplier = _clip(norm, max_norm) / (epsilon + norm)
-    scaled = [tensor * multiplier for tensor in tensors]
-    return (scaled, norm) if return_norm else scaled
+    return _without_overflow(norm, largest, lambda scale: _total(_sum_of_squares(t / scale) for t in tensors))
+
+
+def clip_factor(norm: Tensor, max_norm: Scalar, epsilon: Scalar = DEFAULT_EPSILON) -> Tensor:
+    """:func:`total_norm_constraint`'s multiplier: ``clip(norm, 0, max_norm) / (epsilon + norm)``."""
+    return _clip(norm, max_norm) / (epsilon + norm)

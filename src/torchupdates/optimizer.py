@@ -22,11 +22,10 @@ from ._groups import (
     unknown_keys,
     unknown_keys_error,
 )
-from ._guards import all_finite, check_guard_options, is_finite
+from ._guards import SCALE_GRADIENTS, all_finite, check_guard_options, guard
 from ._segments import is_per_tensor, run_in_segments
 from ._slots import LossOrGrads, checked_gradients, init_state, make_slot, run_closure, traced_batches
 from .apply import write_updates
-from .constraints import total_norm_constraint
 from .engines import ENGINES, Batch, Engine, Stage
 from .engines.compiled import require_compiler
 from .transform import Transform, defaults_of
@@ -347,11 +346,16 @@ class Optimizer(torch.optim.Optimizer):
     def _proposals(self, loss_or_grads: LossOrGrads, write: bool, traced: bool) -> Iterator[Batch]:
         """The engine's batches of one step, from inputs :meth:`_check_inputs` has checked;
         none when ``skip_nonfinite`` skips the step."""
-        checked = self._guarded(checked_gradients(loss_or_grads, self.param_groups, self._stages, self.rule_name))
-        if checked is None:
+        checked = checked_gradients(loss_or_grads, self.param_groups, self._stages, self.rule_name)
+        segmented = any(map(is_per_tensor, self._stages))
+        guarded = guard(checked, self.max_grad_norm, self.skip_nonfinite, self.state_dtype, fold=not segmented)
+        self.grad_norm = self.grad_norm if guarded.norm is None else guarded.norm
+        if guarded.checked is None:
+            self.skipped_steps += 1
             return
+        checked = guarded.checked
         self._init_group(tuple(position for position, *_ in checked))  # every input checked
-        if any(map(is_per_tensor, self._stages)):
+        if segmented:
             engine = self._engine_runner()
             propose = traced_batches if traced else lambda stages, slots, values: engine(stages, slots, values, False)
             with torch.no_grad():
@@ -359,31 +363,19 @@ class Optimizer(torch.optim.Optimizer):
                     self._stages, checked, self.state, self.param_groups, self.state_dtype, traced, propose
                 )
             return
+        stages, values = self._stages, stage_values(self.param_groups, self._stages)
+        if guarded.scale is not None:
+            stages = (SCALE_GRADIENTS, *stages)
+            values = [[{"scale": guarded.scale}, *group_values] for group_values in values]
         slots = [
-            make_slot(position, group, param, grad, self.state[param], self._stages, self.state_dtype, traced)
+            make_slot(position, group, param, grad, self.state[param], stages, self.state_dtype, traced)
             for position, group, param, grad in checked
         ]
-        values = stage_values(self.param_groups, self._stages)
         with torch.no_grad():
             if not traced:
-                yield from self._engine_runner()(self._stages, slots, values, write)
+                yield from self._engine_runner()(stages, slots, values, write)
                 return
-            yield from traced_batches(self._stages, slots, values)
-
-    def _guarded(self, checked: list[tuple[int, int, Tensor, Tensor]]) -> list[tuple[int, int, Tensor, Tensor]] | None:
-        """The step's checked gradients after ``max_grad_norm`` and ``skip_nonfinite``
-        (see :mod:`torchupdates._guards`), or None for a skipped step (counted)."""
-        if (self.max_grad_norm is None and not self.skip_nonfinite) or not checked:
-            return checked
-        grads = [grad for *_, grad in checked]
-        norm = None
-        if self.max_grad_norm is not None:
-            grads, norm = total_norm_constraint(grads, self.max_grad_norm, return_norm=True)
-            self.grad_norm = norm
-        if self.skip_nonfinite and not (all_finite(grads) if norm is None else is_finite(norm)):
-            self.skipped_steps += 1
-            return None
-        return [(*entry[:3], grad) for entry, grad in zip(checked, grads, strict=True)]
+            yield from traced_batches(stages, slots, values)
 
     def _step_again(self) -> bool:
         """An engine's steady state: step from ``.grad`` without building slots when the
