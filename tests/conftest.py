@@ -5,7 +5,7 @@ file (``compiler``, ``numpy_reference``) import from any test folder, ``tests/cl
 Test modules take the name lists from :mod:`torchupdates.registry` directly
 (``from torchupdates.registry import RULE_NAMES as RULES``), the same tuples as :data:`RULES`
 and :data:`MODIFIERS` here; a test that wants one case per rule or modifier can ask for the
-``rule_name``/``rule_entry`` or ``modifier_name``/``modifier_entry`` fixtures instead.
+``rule_name``/``rule_entry`` or ``modifier_name``/``modifier_entry`` arguments instead.
 """
 
 from __future__ import annotations
@@ -21,27 +21,11 @@ MODIFIERS: tuple[str, ...] = registry.MODIFIER_NAMES
 """``apply_momentum`` and ``apply_nesterov_momentum``."""
 
 
-@pytest.fixture(params=RULES)
-def rule_name(request: pytest.FixtureRequest) -> str:
-    """Each rule's name in turn."""
-    name: str = request.param
-    return name
-
-
-@pytest.fixture
-def rule_entry(rule_name: str) -> registry.Entry:
-    """Each rule's registry entry in turn (name, factory, transforms, defaults)."""
-    return registry.RULES[rule_name]
-
-
-@pytest.fixture(params=MODIFIERS)
-def modifier_name(request: pytest.FixtureRequest) -> str:
-    """Each modifier's name in turn."""
-    name: str = request.param
-    return name
-
-
-@pytest.fixture
-def modifier_entry(modifier_name: str) -> registry.Entry:
-    """Each modifier's registry entry in turn."""
-    return registry.MODIFIERS[modifier_name]
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One case per rule for a test that takes ``rule_name`` or ``rule_entry`` (or both, then of the
+    same rule), likewise per modifier for ``modifier_name``/``modifier_entry``."""
+    for kind, names, entries in (("rule", RULES, registry.RULES), ("modifier", MODIFIERS, registry.MODIFIERS)):
+        wanted = [arg for arg in (f"{kind}_name", f"{kind}_entry") if arg in metafunc.fixturenames]
+        if wanted:
+            cases = [{f"{kind}_name": name, f"{kind}_entry": entries[name]} for name in names]
+            metafunc.parametrize(wanted, [[case[arg] for arg in wanted] for case in cases], ids=names)

@@ -56,12 +56,21 @@ def adadelta(
     return p - learning_rate * d, {"accu": acc, "delta_accu": dacc}
 
 
-def adam(
-    p: Array, g: Array, s: State, t: int, *, learning_rate: float, beta1: float, beta2: float, epsilon: float
-) -> tuple[Array, State]:
+def _adam_moments(
+    g: Array, s: State, t: int, learning_rate: float, beta1: float, beta2: float
+) -> tuple[float, Array, Array]:
+    """The step size (Adam's bias correction) and the new moments ``m``, ``v``: amsgrad differs from
+    adam only in dividing by the running maximum of ``v``."""
     a = learning_rate * math.sqrt(1 - beta2**t) / (1 - beta1**t)
     m = beta1 * s["m"] + (1 - beta1) * g
     v = beta2 * s["v"] + (1 - beta2) * g**2
+    return a, m, v
+
+
+def adam(
+    p: Array, g: Array, s: State, t: int, *, learning_rate: float, beta1: float, beta2: float, epsilon: float
+) -> tuple[Array, State]:
+    a, m, v = _adam_moments(g, s, t, learning_rate, beta1, beta2)
     return p - a * m / (np.sqrt(v) + epsilon), {"m": m, "v": v}
 
 
@@ -77,9 +86,7 @@ def adamax(
 def amsgrad(
     p: Array, g: Array, s: State, t: int, *, learning_rate: float, beta1: float, beta2: float, epsilon: float
 ) -> tuple[Array, State]:
-    a = learning_rate * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-    m = beta1 * s["m"] + (1 - beta1) * g
-    v = beta2 * s["v"] + (1 - beta2) * g**2
+    a, m, v = _adam_moments(g, s, t, learning_rate, beta1, beta2)
     v_hat = np.maximum(s["v_hat"], v)
     return p - a * m / (np.sqrt(v_hat) + epsilon), {"m": m, "v": v, "v_hat": v_hat}
 

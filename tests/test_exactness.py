@@ -73,30 +73,24 @@ REQUIRED: dict[str, dict[str, float]] = {
     "nesterov_momentum": {"learning_rate": 0.05},
 }
 
-# Non-default values for every hyperparameter of every rule.
-CUSTOM: dict[str, dict[str, float]] = {
-    "sgd": {"learning_rate": 0.03},
-    "momentum": {"learning_rate": 0.02, "momentum": 0.7},
-    "nesterov_momentum": {"learning_rate": 0.02, "momentum": 0.6},
-    "adagrad": {"learning_rate": 0.3, "epsilon": 1e-4},
-    "rmsprop": {"learning_rate": 0.01, "rho": 0.8, "epsilon": 1e-5},
-    "adadelta": {"learning_rate": 0.5, "rho": 0.9, "epsilon": 1e-5},
-    "adam": {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-4},
-    "adamax": {"learning_rate": 0.02, "beta1": 0.7, "beta2": 0.95, "epsilon": 1e-4},
-    "amsgrad": {"learning_rate": 0.01, "beta1": 0.85, "beta2": 0.9, "epsilon": 1e-5},
+# Per rule, in the order of the reference's DEFAULTS[rule]: non-default values for every
+# hyperparameter (CUSTOM), and a second set for the second param group (OTHER).
+_VALUES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "sgd": ((0.03,), (0.2,)),
+    "momentum": ((0.02, 0.7), (0.1, 0.3)),
+    "nesterov_momentum": ((0.02, 0.6), (0.07, 0.95)),
+    "adagrad": ((0.3, 1e-4), (2.0, 1e-2)),
+    "rmsprop": ((0.01, 0.8, 1e-5), (0.5, 0.5, 1e-3)),
+    "adadelta": ((0.5, 0.9, 1e-5), (2.0, 0.6, 1e-3)),
+    "adam": ((0.01, 0.8, 0.99, 1e-4), (0.1, 0.5, 0.9, 1e-2)),
+    "adamax": ((0.02, 0.7, 0.95, 1e-4), (0.3, 0.95, 0.5, 1e-3)),
+    "amsgrad": ((0.01, 0.85, 0.9, 1e-5), (0.2, 0.6, 0.7, 1e-3)),
 }
-
-# A second set, for the second param group.
+CUSTOM: dict[str, dict[str, float]] = {
+    rule: dict(zip(DEFAULTS[rule], custom, strict=True)) for rule, (custom, _) in _VALUES.items()
+}
 OTHER: dict[str, dict[str, float]] = {
-    "sgd": {"learning_rate": 0.2},
-    "momentum": {"learning_rate": 0.1, "momentum": 0.3},
-    "nesterov_momentum": {"learning_rate": 0.07, "momentum": 0.95},
-    "adagrad": {"learning_rate": 2.0, "epsilon": 1e-2},
-    "rmsprop": {"learning_rate": 0.5, "rho": 0.5, "epsilon": 1e-3},
-    "adadelta": {"learning_rate": 2.0, "rho": 0.6, "epsilon": 1e-3},
-    "adam": {"learning_rate": 0.1, "beta1": 0.5, "beta2": 0.9, "epsilon": 1e-2},
-    "adamax": {"learning_rate": 0.3, "beta1": 0.95, "beta2": 0.5, "epsilon": 1e-3},
-    "amsgrad": {"learning_rate": 0.2, "beta1": 0.6, "beta2": 0.7, "epsilon": 1e-3},
+    rule: dict(zip(DEFAULTS[rule], other, strict=True)) for rule, (_, other) in _VALUES.items()
 }
 
 
@@ -556,7 +550,19 @@ def test_updates_dict(chain: Chain, engine: str) -> None:
 # --- float32 ------------------------------------------------------------------------------------
 
 
-def assert_float32_matches_reference(opt: torch.optim.Optimizer, params: list[torch.Tensor], ref: Any) -> None:
+def run_float32_against_reference(
+    opt: torchupdates.Optimizer,
+    params: Sequence[torch.Tensor],
+    ref: ReferenceOptimizer,
+    grads: Sequence[Sequence[torch.Tensor]],
+) -> None:
+    """Steps ``opt`` and its float64 reference together; float32 must stay float32 everywhere, the
+    proposed values of an update dictionary included."""
+    for g in grads:
+        for target, value in opt.updates(g).items():
+            assert value.dtype == target.dtype, f"proposed {value.dtype} for a {target.dtype} tensor"
+        opt.step(g)
+        ref.step(as_numpy(g))
     for p in params:
         assert p.dtype == torch.float32
         for key, value in opt.state[p].items():
@@ -571,10 +577,7 @@ def test_float32_stays_float32(chain: Chain, engine: str) -> None:
     params = leaves(init)
     opt = chain.build(params, engine)
     ref = chain.reference(init)  # float64, from the same (float32-representable) values
-    for g in grads:
-        opt.step(g)
-        ref.step(as_numpy(g))
-    assert_float32_matches_reference(opt, params, ref)
+    run_float32_against_reference(opt, params, ref, grads)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -591,13 +594,7 @@ def test_float32_with_float64_tensor_hyperparameters(rule: str, engine: str) -> 
     ref = ReferenceOptimizer(as_numpy(init), rule, values).add_modifier(
         "apply_nesterov_momentum", None, {"momentum": 0.5}
     )
-    for g in grads:
-        upd = opt.updates(g)
-        for target, value in upd.items():
-            assert value.dtype == target.dtype, f"proposed {value.dtype} for a {target.dtype} tensor"
-        opt.step(g)
-        ref.step(as_numpy(g))
-    assert_float32_matches_reference(opt, params, ref)
+    run_float32_against_reference(opt, params, ref, grads)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -28,6 +28,7 @@ import torch
 import torchupdates
 from compiler import needs_compiler
 from numpy_reference import MODIFIERS, RULES
+from test_exactness import CUSTOM as EXACTNESS_CUSTOM
 from torchupdates import apply_updates
 from torchupdates.engines import foreach as foreach_engine
 from torchupdates.registry import RULE_NAMES
@@ -38,17 +39,15 @@ GRAD_SCALES = [1e-3, 1.0, 10.0, 0.1]
 STEPS = 4
 SMALL_CHUNK = 5000  # the 20,000-element tensor runs in several foreach chunks
 
-# Non-default hyperparameters, epsilons that 16-bit types can hold (1e-8 is 0 in float16).
+# test_exactness's non-default hyperparameters, with epsilons that 16-bit types can hold (1e-8 is
+# 0 in float16, 1e-5 a subnormal).
+HALF_EPSILONS: dict[str, dict[str, float]] = {
+    "rmsprop": {"epsilon": 1e-4},
+    "adadelta": {"epsilon": 1e-4},
+    "amsgrad": {"epsilon": 1e-3},
+}
 CUSTOM: dict[str, dict[str, float]] = {
-    "sgd": {"learning_rate": 0.03},
-    "momentum": {"learning_rate": 0.02, "momentum": 0.7},
-    "nesterov_momentum": {"learning_rate": 0.02, "momentum": 0.6},
-    "adagrad": {"learning_rate": 0.3, "epsilon": 1e-4},
-    "rmsprop": {"learning_rate": 0.01, "rho": 0.8, "epsilon": 1e-4},
-    "adadelta": {"learning_rate": 0.5, "rho": 0.9, "epsilon": 1e-4},
-    "adam": {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-4},
-    "adamax": {"learning_rate": 0.02, "beta1": 0.7, "beta2": 0.95, "epsilon": 1e-4},
-    "amsgrad": {"learning_rate": 0.01, "beta1": 0.85, "beta2": 0.9, "epsilon": 1e-3},
+    rule: {**hyper, **HALF_EPSILONS.get(rule, {})} for rule, hyper in EXACTNESS_CUSTOM.items()
 }
 DEFAULT: dict[str, dict[str, float]] = {rule: {} for rule in RULE_NAMES}
 DEFAULT.update({"sgd": {"learning_rate": 0.05}, "momentum": {"learning_rate": 0.05}})
