@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import torch
@@ -191,26 +192,32 @@ def test_missing_compiler_is_a_clear_error_before_any_step() -> None:
     torchupdates.adam(params).step(gradients(params, 0))
 
 
+@pytest.mark.parametrize(
+    "options", [{}, {"max_grad_norm": 0.05, "skip_nonfinite": True}], ids=["plain", "clipped and checked"]
+)
 @pytest.mark.parametrize("set_to_none", [False, True], ids=["grads kept", "new grads"])
-def test_steady_state_steps_skip_the_slots_and_stay_exact(monkeypatch: pytest.MonkeyPatch, set_to_none: bool) -> None:
-    # A training loop steps through the engine's repeat() (no per-parameter slots) with the same
+def test_steady_state_steps_skip_the_slots_and_stay_exact(
+    monkeypatch: pytest.MonkeyPatch, set_to_none: bool, options: dict[str, object]
+) -> None:
+    # A training loop steps through the engine's repeat (no per-parameter slots) with the same
     # numbers: in place when it keeps its .grad tensors, copying them in when backward makes
-    # new ones (torch's default zero_grad()).
+    # new ones (torch's default zero_grad()); with the guards too, the clipping factor then
+    # applied inside the kernel.
     from torchupdates.engines.compiled import CompiledEngine
 
     repeated = []
-    original = CompiledEngine.repeat
+    original = CompiledEngine.run_repeat
 
     def spy(self: CompiledEngine, *args: object) -> bool:
-        repeated.append(original(self, *args))
+        repeated.append(original(self, *args))  # type: ignore[arg-type]
         return repeated[-1]
 
-    monkeypatch.setattr(CompiledEngine, "repeat", spy)
+    monkeypatch.setattr(CompiledEngine, "run_repeat", spy)
     runs = []
     for engine in ("foreach", "compiled"):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        opt = torchupdates.apply_momentum(torchupdates.amsgrad(model.parameters(), 0.01, engine=engine))
+        opt = torchupdates.apply_momentum(torchupdates.amsgrad(model.parameters(), 0.01, engine=engine, **options))
         x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
         for _ in range(5):
             opt.zero_grad(set_to_none=set_to_none)
@@ -218,7 +225,10 @@ def test_steady_state_steps_skip_the_slots_and_stay_exact(monkeypatch: pytest.Mo
             opt.step()
         runs.append((opt, list(model.parameters())))
     assert_same(*runs[0], *runs[1])
-    assert repeated == [False, True, True, True, True]  # the first step builds the buffers
+    assert repeated == [True] * 4  # the first step builds the buffers
+    if options:
+        norms = [cast(torch.Tensor, opt.grad_norm) for opt, _ in runs]
+        assert torch.equal(norms[0], norms[1]) and float(norms[1]) > 0.05  # the same norm, and clipping acted
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -35,9 +35,6 @@ from .transform import NON_NEGATIVE, Hyperparameter, Transform
 
 __all__ = ["SCALE_GRADIENTS", "Guarded", "all_finite", "check_guard_options", "guard", "is_finite"]
 
-Checked = list[tuple[int, int, Tensor, Tensor]]
-"""(flat position, group index, parameter, gradient) of each parameter a step updates."""
-
 
 def _scale_gradients(
     param: Array, grad: Array, state: dict[str, Array], t: None, *, scale: Scalar
@@ -62,34 +59,38 @@ gradient, computed by the engine inside its fused pass instead of as new tensors
 class Guarded:
     """What the guards make of one step's gradients.
 
-    ``checked`` is None for a step to skip. ``scale`` is the clipping factor when the
-    engines are to apply it (the gradients in ``checked`` are then unclipped), else None.
+    ``grads`` is None for a step to skip. ``scale`` is the clipping factor when the engines
+    are to apply it (``grads`` are then the unclipped gradients), else None.
     """
 
-    checked: Checked | None
+    grads: list[Tensor] | None
     norm: Tensor | None
     scale: Tensor | None
 
 
 def guard(
-    checked: Checked, max_grad_norm: Scalar | None, skip_nonfinite: bool, state_dtype: torch.dtype | None, fold: bool
+    params: Sequence[Tensor],
+    grads: list[Tensor],
+    max_grad_norm: Scalar | None,
+    skip_nonfinite: bool,
+    state_dtype: torch.dtype | None,
+    fold: bool,
 ) -> Guarded:
-    """Clip (``max_grad_norm``) and check (``skip_nonfinite``) a step's gradients. ``fold``:
-    the chain can take the clipping factor as :data:`SCALE_GRADIENTS`; it does when every
-    gradient is a plain dense real tensor already in its working dtype (elsewhere the factor
-    would apply after a conversion, which rounds differently)."""
-    if (max_grad_norm is None and not skip_nonfinite) or not checked:
-        return Guarded(checked, None, None)
-    grads = [grad for *_, grad in checked]
+    """Clip (``max_grad_norm``) and check (``skip_nonfinite``) a step's checked gradients.
+    ``fold``: the chain can take the clipping factor as :data:`SCALE_GRADIENTS`; it does when
+    every gradient is a plain dense real tensor already in its working dtype (elsewhere the
+    factor would apply after a conversion, which rounds differently)."""
+    if (max_grad_norm is None and not skip_nonfinite) or not grads:
+        return Guarded(grads, None, None)
     if max_grad_norm is None:
-        return Guarded(checked if not skip_nonfinite or all_finite(grads) else None, None, None)
+        return Guarded(grads if all_finite(grads) else None, None, None)
     norm = joint_norm(grads)
     if skip_nonfinite and not is_finite(norm):
         return Guarded(None, norm, None)
     scale = clip_factor(norm, max_grad_norm)
-    if fold and all(_in_working_dtype(param, grad, state_dtype) for _, _, param, grad in checked):
-        return Guarded(checked, norm, scale)
-    return Guarded([(*entry[:3], grad * scale) for entry, grad in zip(checked, grads, strict=True)], norm, None)
+    if fold and all(map(_in_working_dtype, params, grads, [state_dtype] * len(grads))):
+        return Guarded(grads, norm, scale)
+    return Guarded([grad * scale for grad in grads], norm, None)
 
 
 def _in_working_dtype(param: Tensor, grad: Tensor, state_dtype: torch.dtype | None) -> bool:

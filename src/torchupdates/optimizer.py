@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import Tensor
@@ -22,12 +22,12 @@ from ._groups import (
     unknown_keys,
     unknown_keys_error,
 )
-from ._guards import SCALE_GRADIENTS, all_finite, check_guard_options, guard
+from ._guards import SCALE_GRADIENTS, check_guard_options, guard
 from ._segments import is_per_tensor, run_in_segments
 from ._slots import LossOrGrads, checked_gradients, init_state, make_slot, run_closure, traced_batches
 from .apply import write_updates
 from .engines import ENGINES, Batch, Engine, Stage
-from .engines.compiled import require_compiler
+from .engines.compiled import CompiledEngine, require_compiler
 from .transform import Transform, defaults_of
 
 __all__ = ["Optimizer", "ParamsT", "StepOptions"]
@@ -348,12 +348,11 @@ class Optimizer(torch.optim.Optimizer):
         none when ``skip_nonfinite`` skips the step."""
         checked = checked_gradients(loss_or_grads, self.param_groups, self._stages, self.rule_name)
         segmented = any(map(is_per_tensor, self._stages))
-        guarded = guard(checked, self.max_grad_norm, self.skip_nonfinite, self.state_dtype, fold=not segmented)
-        self.grad_norm = self.grad_norm if guarded.norm is None else guarded.norm
-        if guarded.checked is None:
-            self.skipped_steps += 1
+        guarded = self._guarded([param for *_, param, _ in checked], [grad for *_, grad in checked], not segmented)
+        if guarded is None:
             return
-        checked = guarded.checked
+        grads, stages, values = guarded
+        checked = [(*entry[:3], grad) for entry, grad in zip(checked, grads, strict=True)]
         self._init_group(tuple(position for position, *_ in checked))  # every input checked
         if segmented:
             engine = self._engine_runner()
@@ -363,10 +362,6 @@ class Optimizer(torch.optim.Optimizer):
                     self._stages, checked, self.state, self.param_groups, self.state_dtype, traced, propose
                 )
             return
-        stages, values = self._stages, stage_values(self.param_groups, self._stages)
-        if guarded.scale is not None:
-            stages = (SCALE_GRADIENTS, *stages)
-            values = [[{"scale": guarded.scale}, *group_values] for group_values in values]
         slots = [
             make_slot(position, group, param, grad, self.state[param], stages, self.state_dtype, traced)
             for position, group, param, grad in checked
@@ -377,19 +372,43 @@ class Optimizer(torch.optim.Optimizer):
                 return
             yield from traced_batches(stages, slots, values)
 
+    def _guarded(
+        self, params: list[Tensor], grads: list[Tensor], fold: bool
+    ) -> tuple[list[Tensor], tuple[Stage, ...], list[list[dict[str, Any]]]] | None:
+        """The gradients, stages and hyperparameters of a step after ``max_grad_norm`` and
+        ``skip_nonfinite`` (see :mod:`torchupdates._guards`), or None for a skipped step
+        (counted). ``fold``: the engines may apply the clipping factor themselves."""
+        guarded = guard(params, grads, self.max_grad_norm, self.skip_nonfinite, self.state_dtype, fold)
+        self.grad_norm = self.grad_norm if guarded.norm is None else guarded.norm
+        if guarded.grads is None:
+            self.skipped_steps += 1
+            return None
+        stages, values = self._stages, stage_values(self.param_groups, self._stages)
+        if guarded.scale is not None:
+            stages = (SCALE_GRADIENTS, *stages)
+            values = [[{"scale": guarded.scale}, *group_values] for group_values in values]
+        return guarded.grads, stages, values
+
     def _step_again(self) -> bool:
         """An engine's steady state: step from ``.grad`` without building slots when the
         engine can prove nothing changed since its last step. Say whether it stepped
         (or skipped the step: ``skip_nonfinite``)."""
-        repeat = getattr(self._engine_runner(), "repeat", None)
-        if repeat is None or self.max_grad_norm is not None or any(map(is_per_tensor, self._stages)):
+        engine = self._engine_runner()
+        if not isinstance(engine, CompiledEngine) or any(map(is_per_tensor, self._stages)):
             return False
         live = [[p for p in group["params"] if p.grad is not None and p.requires_grad] for group in self.param_groups]
-        if self.skip_nonfinite and not all_finite([p.grad for params in live for p in params]):
-            self.skipped_steps += 1
+        plan = engine.prepare_repeat(live, self.state)
+        if plan is None:
+            return False
+        params = [p for group_params in live for p in group_params]
+        guarded = self._guarded(params, [cast(Tensor, p.grad) for p in params], fold=True)
+        if guarded is None:
             return True
+        grads, stages, values = guarded
+        if any(map(operator.is_not, grads, (p.grad for p in params))):
+            return False  # clipped copies: the kernels take the gradients in their buffers
         with torch.no_grad():
-            return bool(repeat(self._stages, live, self.state, stage_values(self.param_groups, self._stages)))
+            return engine.run_repeat(plan, stages, values)
 
     def _check_keys(self) -> None:
         """Raise for a param group given at construction with a key the chain does not have."""

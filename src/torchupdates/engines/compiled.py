@@ -28,7 +28,7 @@ import operator
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from numbers import Real
 from typing import Any, cast
 
@@ -336,6 +336,15 @@ class _Run:
         )
 
 
+@dataclass(frozen=True)
+class _Repeat:
+    """A checked plan to step again: every batch's run, and the members whose new ``.grad``
+    must be copied into the bucket first."""
+
+    runs: list[_Run]
+    copies: list[list[int]]
+
+
 class CompiledEngine:
     """``engine="compiled"``: the buffers and kernels of one optimizer.
 
@@ -345,8 +354,9 @@ class CompiledEngine:
     become views of its buffers (and gradients too when they are ``.grad``), so later steps
     copy nothing; anything replaced since the last step is copied in first.
 
-    :meth:`repeat` is the steady state: when nothing was replaced since the last step, it
-    runs the kernels without the per-parameter work of building and checking slots.
+    :meth:`prepare_repeat` and :meth:`run_repeat` are the steady state: when nothing was
+    replaced since the last step, they run the kernels without the per-parameter work of
+    building and checking slots.
     """
 
     def __init__(self) -> None:
@@ -387,27 +397,24 @@ class CompiledEngine:
         if write:
             self._runs = runs
 
-    def repeat(
-        self,
-        stages: Sequence[Stage],
-        params: Sequence[Sequence[Tensor]],
-        state: Mapping[Tensor, Mapping[str, Any]],
-        hyperparameters: Sequence[Sequence[dict[str, Any]]],
-    ) -> bool:
-        """Step again from ``.grad`` if nothing changed since the last step; say whether it did.
+    def prepare_repeat(
+        self, params: Sequence[Sequence[Tensor]], state: Mapping[Tensor, Mapping[str, Any]]
+    ) -> _Repeat | None:
+        """Whether the next step from ``.grad`` can repeat the last one: a plan for
+        :meth:`run_repeat` when nothing changed since, else None. Writes nothing.
 
-        ``params`` are the parameters that have a gradient, per param group. When any tensor
-        was replaced, a parameter gained or lost its gradient, or anything else differs, this
-        writes nothing and returns False: the caller then steps the ordinary way.
+        ``params`` are the parameters that have a gradient, per param group. Any tensor
+        replaced, a parameter that gained or lost its gradient, or anything else that differs
+        gives None: the caller then steps the ordinary way.
         """
         runs = self._runs
         if not runs:
-            return False
+            return None
         per_group: list[list[Tensor]] = [[] for _ in params]
         for run in runs:
             per_group[run.first.group].extend(run.params)
         if any(not _all_are(live, planned) for live, planned in zip(params, per_group, strict=True)):
-            return False
+            return None
         # Looking a tensor up in the state dictionary costs a Python-level hash per parameter;
         # when the dictionary holds the same entries as last time, last time's lookups hold.
         keys, entries = list(state), list(state.values())
@@ -421,28 +428,35 @@ class CompiledEngine:
             try:
                 run_entries = run.entries if trusted else list(map(state.__getitem__, live))
             except KeyError:
-                return False
+                return None
             moved = run.unchanged(live, run_entries)
             if moved is None:
-                return False
+                return None
             looked_up.append(run_entries)
             copies.append(moved)
         for run, run_entries in zip(runs, looked_up, strict=True):
             run.entries = run_entries
         self._state_seen = (state, keys, entries)
-        with torch.no_grad():
-            for run, moved in zip(runs, copies, strict=True):
-                if moved:
-                    run.copy_grads(moved)
-                steps = run.steps(stages)
-                first = replace(run.first, steps=steps)
-                program = self._record(stages, hyperparameters[first.group], first, run.bucket)
-                _compiled(program.source(True), run.bucket.parallel)(
-                    *run.bucket.buffers.values(), *program.coefficients
-                )
-                for key, t in zip((s.step_key for s in stages), steps, strict=True):
-                    if key is not None and t is not None:
-                        run.bucket.counters[key].fill_(t)
+        return _Repeat(runs, copies)
+
+    def run_repeat(
+        self, plan: _Repeat, stages: Sequence[Stage], hyperparameters: Sequence[Sequence[dict[str, Any]]]
+    ) -> bool:
+        """Step again by ``plan``, with this step's ``stages`` and hyperparameters; False (and
+        nothing written) when the last step ran another chain (with or without the clipping
+        stage), so the caller steps the ordinary way."""
+        if any(len(run.first.steps) != len(stages) for run in plan.runs):
+            return False
+        for run, moved in zip(plan.runs, plan.copies, strict=True):
+            if moved:
+                run.copy_grads(moved)
+            steps = run.steps(stages)
+            first = replace(run.first, steps=steps)
+            program = self._record(stages, hyperparameters[first.group], first, run.bucket)
+            _compiled(program.source(True), run.bucket.parallel)(*run.bucket.buffers.values(), *program.coefficients)
+            for key, t in zip((s.step_key for s in stages), steps, strict=True):
+                if key is not None and t is not None:
+                    run.bucket.counters[key].fill_(t)
         return True
 
     def _bucket(self, key: tuple[Any, ...], members: Sequence[Slot]) -> FlatBucket:
