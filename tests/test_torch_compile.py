@@ -147,6 +147,43 @@ def test_compiled_step_is_one_graph_on_every_engine(engine: str) -> None:
     assert state_gap(opt_c, compiled_params, opt_e, eager_params) <= FLOAT32_BOUND
 
 
+@pytest.mark.parametrize(
+    "options", [{"skip_nonfinite": True}, {"skip_nonfinite": True, "max_grad_norm": 0.5}], ids=["skip", "skip+clip"]
+)
+def test_guards_trace_into_one_graph_and_skip_on_the_device(options: dict[str, object]) -> None:
+    """skip_nonfinite decides on the device when traced (no host read, so fullgraph=True holds):
+    a NaN batch writes nothing, is counted, and the run equals the eager one; grad_norm is kept."""
+    runs = []
+    for compiled in (True, False):
+        model, x, y = mlp()
+        params = list(model.parameters())
+        opt = torchupdates.apply_momentum(torchupdates.adam(params, 0.01, **options), params[:2])
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for k in range(STEPS):
+            ((model(x) - y) ** 2).mean().backward()
+            if k == 2:
+                params[0].grad[0, 1] = float("nan")
+                before = [p.detach().clone() for p in params] + [
+                    t.clone() for p in params for t in opt.state[p].values()
+                ]
+            step()
+            if k == 2:
+                after = [p.detach() for p in params] + [t for p in params for t in opt.state[p].values()]
+                assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "a skipped step wrote"
+            opt.zero_grad()
+        runs.append((opt, params))
+        if compiled:
+            assert counters["stats"]["unique_graphs"] == 1
+    (opt_c, compiled_params), (opt_e, eager_params) = runs
+    assert opt_c.skipped_steps == opt_e.skipped_steps == 1
+    assert opt_c.state_dict()["skipped_steps"] == 1
+    assert gap(compiled_params, eager_params) <= FLOAT32_BOUND
+    assert state_gap(opt_c, compiled_params, opt_e, eager_params) <= FLOAT32_BOUND
+    if "max_grad_norm" in options:
+        assert opt_c.grad_norm is not None and opt_e.grad_norm is not None
+        assert abs(float(opt_c.grad_norm) - float(opt_e.grad_norm)) <= FLOAT32_BOUND * float(opt_e.grad_norm)
+
+
 def test_float64_follows_the_eager_run_within_1e_12() -> None:
     def build(p):
         return CHAINS["momentum(nesterov(amsgrad))"](p, "foreach")

@@ -60,12 +60,15 @@ class Guarded:
     """What the guards make of one step's gradients.
 
     ``grads`` is None for a step to skip. ``scale`` is the clipping factor when the engines
-    are to apply it (``grads`` are then the unclipped gradients), else None.
+    are to apply it (``grads`` are then the unclipped gradients), else None. ``keep`` is set
+    in a step traced by ``torch.compile`` with ``skip_nonfinite``: a 0-d bool tensor, False
+    for a step to skip, which the step applies to what it writes instead of reading it.
     """
 
     grads: list[Tensor] | None
     norm: Tensor | None
     scale: Tensor | None
+    keep: Tensor | None = None
 
 
 def guard(
@@ -75,22 +78,29 @@ def guard(
     skip_nonfinite: bool,
     state_dtype: torch.dtype | None,
     fold: bool,
+    traced: bool = False,
 ) -> Guarded:
     """Clip (``max_grad_norm``) and check (``skip_nonfinite``) a step's checked gradients.
     ``fold``: the chain can take the clipping factor as :data:`SCALE_GRADIENTS`; it does when
     every gradient is a plain dense real tensor already in its working dtype (elsewhere the
-    factor would apply after a conversion, which rounds differently)."""
+    factor would apply after a conversion, which rounds differently). ``traced``: decide
+    nothing on the host (see :attr:`Guarded.keep`)."""
     if (max_grad_norm is None and not skip_nonfinite) or not grads:
         return Guarded(grads, None, None)
-    if max_grad_norm is None:
-        return Guarded(grads if all_finite(grads) else None, None, None)
-    norm = joint_norm(grads)
-    if skip_nonfinite and not is_finite(norm):
-        return Guarded(None, norm, None)
+    norm = None if max_grad_norm is None else joint_norm(grads)
+    keep = None
+    if skip_nonfinite:
+        if traced:
+            # Not the probe sum(g * 0): a compiler may fold g * 0 into 0, NaN and infinity aside.
+            keep = _finite(norm) if norm is not None else _all_finite_on_device(grads)
+        elif not (all_finite(grads) if norm is None else is_finite(norm)):
+            return Guarded(None, norm, None)
+    if norm is None or max_grad_norm is None:
+        return Guarded(grads, None, None, keep)
     scale = clip_factor(norm, max_grad_norm)
     if fold and all(map(_in_working_dtype, params, grads, [state_dtype] * len(grads))):
-        return Guarded(grads, norm, scale)
-    return Guarded([grad * scale for grad in grads], norm, None)
+        return Guarded(grads, norm, scale, keep)
+    return Guarded([grad * scale for grad in grads], norm, None, keep)
 
 
 def _in_working_dtype(param: Tensor, grad: Tensor, state_dtype: torch.dtype | None) -> bool:
@@ -127,11 +137,15 @@ def all_finite(grads: Sequence[Tensor]) -> bool:
     plain = [grad for grad in grads if type(grad) is Tensor and grad.numel()]
     if len(plain) == len(grads) and _norms_are_finite(plain):
         return True
-    probes = [torch.sum(grad * 0) for grad in grads]
-    total = probes[0]
-    for probe in probes[1:]:
-        total = total + probe.to(total.device)
-    return is_finite(total)
+    return bool(_finite(_nonfinite_probe(grads)))
+
+
+def _all_finite_on_device(grads: Sequence[Tensor]) -> Tensor:
+    """Whether every gradient is finite, as a 0-d bool tensor (no host read)."""
+    verdict = torch.isfinite(grads[0]).all()
+    for grad in grads[1:]:
+        verdict = verdict & torch.isfinite(grad).all().to(verdict.device)
+    return verdict
 
 
 def _norms_are_finite(grads: list[Tensor]) -> bool:
@@ -142,7 +156,20 @@ def _norms_are_finite(grads: list[Tensor]) -> bool:
     return all(bool(verdict) for verdict in verdicts)
 
 
+def _nonfinite_probe(grads: Sequence[Tensor]) -> Tensor:
+    """0 when every gradient is finite, NaN otherwise: the sum of each ``sum(g * 0)``."""
+    probes = [torch.sum(grad * 0) for grad in grads]
+    total = probes[0]
+    for probe in probes[1:]:
+        total = total + probe.to(total.device)
+    return total
+
+
+def _finite(value: Tensor) -> Tensor:
+    """Whether the 0-d ``value`` is finite, as a 0-d tensor; for a DTensor, over all ranks."""
+    return torch.isfinite(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
 def is_finite(value: Tensor) -> bool:
     """Whether the 0-d ``value`` is finite; for a DTensor, its value over all ranks."""
-    full = value.full_tensor() if hasattr(value, "full_tensor") else value
-    return bool(torch.isfinite(full))
+    return bool(_finite(value))

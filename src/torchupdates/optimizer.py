@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any, TypedDict, cast
 
 import torch
@@ -111,6 +112,9 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     _stages: tuple[Stage, ...]
+    _skipped: int
+    _skip_tally: Tensor
+    _grad_norm: list[Tensor | None]
 
     def __init__(
         self,
@@ -128,11 +132,10 @@ class Optimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.skip_nonfinite = skip_nonfinite
         self.max_grad_norm = max_grad_norm
-        self.grad_norm: Tensor | None = None
-        """The joint norm of the last step's gradients before clipping (a 0-d tensor, read
-        without a host sync), or ``None`` before the first step and without ``max_grad_norm``."""
-        self.skipped_steps = 0
-        """Steps skipped by ``skip_nonfinite`` (saved in the state dict)."""
+        # In a list: torch.compile keeps a traced step's store into a container, and drops a
+        # tensor stored as an optimizer attribute.
+        self._grad_norm = [None]
+        self._skipped = 0
         self._check_options()
         if _chain is None:
             stage = make_stage(rule, (), (), None)
@@ -156,6 +159,10 @@ class Optimizer(torch.optim.Optimizer):
         self._pending_keys: dict[int, frozenset[str]] = {}
         self._constructing = True
         super().__init__(params, defaults)
+        first = next((p for group in self.param_groups for p in group["params"]), None)
+        # Steps skipped inside a traced step count here, in place: a tally created in the
+        # traced step would change what the next one reads, and recompile it.
+        self._skip_tally = torch.zeros((), dtype=torch.int64, device=None if first is None else first.device)
         self._constructing = False
         self._check_engine()
 
@@ -192,8 +199,9 @@ class Optimizer(torch.optim.Optimizer):
         state = super().__getstate__()
         state.update(
             self._step_options(),
-            grad_norm=self.grad_norm,
-            skipped_steps=self.skipped_steps,
+            _skipped=self.skipped_steps,
+            _skip_tally=torch.zeros_like(self._skip_tally),
+            _grad_norm=list(self._grad_norm),
             _stages=self._stages,
             _betas=self._betas,
             _pending_keys=self.__dict__.get("_pending_keys", {}),
@@ -207,6 +215,27 @@ class Optimizer(torch.optim.Optimizer):
             skip_nonfinite=self.skip_nonfinite,
             max_grad_norm=self.max_grad_norm,
         )
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """The joint norm of the last step's gradients before clipping (a 0-d tensor, read
+        without a host sync), or ``None`` before the first step and without ``max_grad_norm``."""
+        return self._grad_norm[0]
+
+    @grad_norm.setter
+    def grad_norm(self, value: Tensor | None) -> None:
+        self._grad_norm[0] = value
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by ``skip_nonfinite`` (saved in the state dict). Steps traced by
+        ``torch.compile`` count on the device, read here (one host read)."""
+        return self._skipped + int(self._skip_tally)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped = value
+        self._skip_tally.zero_()
 
     @property
     def rule_name(self) -> str:
@@ -348,19 +377,23 @@ class Optimizer(torch.optim.Optimizer):
         none when ``skip_nonfinite`` skips the step."""
         checked = checked_gradients(loss_or_grads, self.param_groups, self._stages, self.rule_name)
         segmented = any(map(is_per_tensor, self._stages))
-        guarded = self._guarded([param for *_, param, _ in checked], [grad for *_, grad in checked], not segmented)
+        params, grads = [param for *_, param, _ in checked], [grad for *_, grad in checked]
+        guarded = self._guarded(params, grads, fold=not segmented, traced=traced)
         if guarded is None:
             return
-        grads, stages, values = guarded
+        grads, stages, values, keep = guarded
         checked = [(*entry[:3], grad) for entry, grad in zip(checked, grads, strict=True)]
         self._init_group(tuple(position for position, *_ in checked))  # every input checked
         if segmented:
             engine = self._engine_runner()
             propose = traced_batches if traced else lambda stages, slots, values: engine(stages, slots, values, False)
             with torch.no_grad():
-                yield run_in_segments(
-                    self._stages, checked, self.state, self.param_groups, self.state_dtype, traced, propose
-                )
+                batches: Iterable[Batch] = [
+                    run_in_segments(
+                        self._stages, checked, self.state, self.param_groups, self.state_dtype, traced, propose
+                    )
+                ]
+                yield from batches if keep is None else map(partial(_kept, keep), batches)
             return
         slots = [
             make_slot(position, group, param, grad, self.state[param], stages, self.state_dtype, traced)
@@ -370,24 +403,30 @@ class Optimizer(torch.optim.Optimizer):
             if not traced:
                 yield from self._engine_runner()(stages, slots, values, write)
                 return
-            yield from traced_batches(stages, slots, values)
+            batches = traced_batches(stages, slots, values)
+            yield from batches if keep is None else map(partial(_kept, keep), batches)
 
     def _guarded(
-        self, params: list[Tensor], grads: list[Tensor], fold: bool
-    ) -> tuple[list[Tensor], tuple[Stage, ...], list[list[dict[str, Any]]]] | None:
+        self, params: list[Tensor], grads: list[Tensor], fold: bool, traced: bool = False
+    ) -> tuple[list[Tensor], tuple[Stage, ...], list[list[dict[str, Any]]], Tensor | None] | None:
         """The gradients, stages and hyperparameters of a step after ``max_grad_norm`` and
-        ``skip_nonfinite`` (see :mod:`torchupdates._guards`), or None for a skipped step
-        (counted). ``fold``: the engines may apply the clipping factor themselves."""
-        guarded = guard(params, grads, self.max_grad_norm, self.skip_nonfinite, self.state_dtype, fold)
-        self.grad_norm = self.grad_norm if guarded.norm is None else guarded.norm
+        ``skip_nonfinite`` (see :mod:`torchupdates._guards`), and in a traced step whether to
+        keep it; None for a skipped step (counted). ``fold``: the engines may apply the
+        clipping factor themselves."""
+        guarded = guard(params, grads, self.max_grad_norm, self.skip_nonfinite, self.state_dtype, fold, traced)
+        if guarded.norm is not None:
+            self._grad_norm[0] = guarded.norm
         if guarded.grads is None:
             self.skipped_steps += 1
             return None
+        if guarded.keep is not None:
+            skipped = torch.logical_not(guarded.keep).to(torch.int64)
+            self._skip_tally.add_(skipped.to(self._skip_tally.device))
         stages, values = self._stages, stage_values(self.param_groups, self._stages)
         if guarded.scale is not None:
             stages = (SCALE_GRADIENTS, *stages)
             values = [[{"scale": guarded.scale}, *group_values] for group_values in values]
-        return guarded.grads, stages, values
+        return guarded.grads, stages, values, guarded.keep
 
     def _step_again(self) -> bool:
         """An engine's steady state: step from ``.grad`` without building slots when the
@@ -404,7 +443,7 @@ class Optimizer(torch.optim.Optimizer):
         guarded = self._guarded(params, [cast(Tensor, p.grad) for p in params], fold=True)
         if guarded is None:
             return True
-        grads, stages, values = guarded
+        grads, stages, values, _ = guarded
         if any(map(operator.is_not, grads, (p.grad for p in params))):
             return False  # clipped copies: the kernels take the gradients in their buffers
         with torch.no_grad():
@@ -473,3 +512,9 @@ class Optimizer(torch.optim.Optimizer):
         """
         _checkpoint.load_state_dict(self, state_dict)
         self._betas.loaded(self.param_groups)
+
+
+def _kept(keep: Tensor, batch: Batch) -> Batch:
+    """``batch`` with each new value replaced by its target's current one unless ``keep``: a
+    skipped step decided on the device, in a step traced by ``torch.compile``."""
+    return [(index, [(target, torch.where(keep, value, target)) for target, value in pairs]) for index, pairs in batch]
