@@ -121,6 +121,9 @@ def replace_things(step: int, model: torch.nn.Module, opt: torchupdates.Optimize
     elif step == 7:
         for p in model.parameters():
             p.grad = p.grad.t().contiguous().t() if p.dim() == 2 else p.grad  # other strides
+    elif step == 8:
+        state = opt.state[model[2].weight]
+        state["m"] = state["m"].clone()  # one state tensor replaced by hand
 
 
 def test_replaced_gradients_parameters_and_state() -> None:
@@ -130,7 +133,7 @@ def test_replaced_gradients_parameters_and_state() -> None:
         model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 2), torch.nn.Flatten(), torch.nn.Linear(12, 1))
         opt = torchupdates.apply_nesterov_momentum(torchupdates.adam(model.parameters(), 0.01, engine=engine))
         x = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(1))
-        for step in range(9):
+        for step in range(10):
             replace_things(step, model, opt)
             model(x).pow(2).mean().backward()
             opt.step()

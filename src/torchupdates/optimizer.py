@@ -439,12 +439,14 @@ class Optimizer(torch.optim.Optimizer):
         plan = engine.prepare_repeat(live, self.state)
         if plan is None:
             return False
-        params = [p for group_params in live for p in group_params]
-        guarded = self._guarded(params, [cast(Tensor, p.grad) for p in params], fold=True)
+        guards = self.max_grad_norm is not None or self.skip_nonfinite
+        params = [p for group_params in live for p in group_params] if guards else []
+        grads = [cast(Tensor, p.grad) for p in params]
+        guarded = self._guarded(params, grads, fold=True)
         if guarded is None:
             return True
-        grads, stages, values, _ = guarded
-        if any(map(operator.is_not, grads, (p.grad for p in params))):
+        guarded_grads, stages, values, _ = guarded
+        if any(map(operator.is_not, guarded_grads, grads)):
             return False  # clipped copies: the kernels take the gradients in their buffers
         with torch.no_grad():
             return engine.run_repeat(plan, stages, values)

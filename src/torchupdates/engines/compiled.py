@@ -29,6 +29,7 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import chain
 from numbers import Real
 from typing import Any, cast
 
@@ -246,6 +247,9 @@ def _point_grad_at(param: Tensor, view: Tensor) -> bool:
     return True
 
 
+_GRAD = operator.attrgetter("grad")
+
+
 def _addresses(tensors: Sequence[Tensor]) -> list[int]:
     return list(map(Tensor.data_ptr, tensors))
 
@@ -267,6 +271,7 @@ class _Run:
         self.entries: Sequence[Mapping[str, Any]] = ()
         self.addresses = {"param": _addresses(self.params), "grad": _addresses(cast("list[Tensor]", self.grads))}
         self.held: dict[str, list[Tensor]] = {}
+        self.state_values: list[Tensor] = []
         for key in first.state:
             self.held[key] = [slot.state[key] for slot in members]
         self.counter_keys = [
@@ -289,18 +294,25 @@ class _Run:
         if _addresses(params) != self.addresses["param"]:
             return None
         # State tensors are the optimizer's: replacing one (load_state_dict, an assignment) is
-        # caught by identity; nothing outside reassigns their .data.
+        # caught by identity; nothing outside reassigns their .data. Every value of every entry
+        # as last time is one pass; otherwise the held tensors are looked up key by key.
         try:
-            for key, held in self.held.items():
-                if not _all_are(list(map(operator.itemgetter(key), entries)), held):
-                    return None
-        except KeyError:  # a state entry was removed
-            return None
+            values: list[Any] = list(chain.from_iterable(map(dict.values, cast("list[dict[str, Any]]", entries))))
+        except TypeError:  # not plain dicts
+            values = []
+        if not values or not _all_are(values, self.state_values):
+            try:
+                for key, held in self.held.items():
+                    if not _all_are(list(map(operator.itemgetter(key), entries)), held):
+                        return None
+            except KeyError:  # a state entry was removed
+                return None
+            self.state_values = values
         for key in self.counter_keys:
             low, high = torch.aminmax(self.bucket.counters[key])
             if low != high:
                 return None
-        grads = [p.grad for p in params]
+        grads = list(map(_GRAD, params))
         if _all_are(grads, self.grads) and _addresses(cast("list[Tensor]", grads)) == self.addresses["grad"]:
             return []
         moved = [
