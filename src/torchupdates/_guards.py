@@ -29,11 +29,20 @@ from torch import Tensor
 
 from ._slots import work_dtype
 from .constraints import clip_factor, joint_norm
-from .engines import Stage
+from .engines import Batch, Stage
 from .formula import Array, Scalar
 from .transform import NON_NEGATIVE, Hyperparameter, Transform
 
-__all__ = ["SCALE_GRADIENTS", "Guarded", "all_finite", "check_guard_options", "guard", "is_finite"]
+__all__ = [
+    "SCALE_GRADIENTS",
+    "GuardRecord",
+    "Guarded",
+    "all_finite",
+    "check_guard_options",
+    "guard",
+    "is_finite",
+    "kept",
+]
 
 
 def _scale_gradients(
@@ -101,6 +110,51 @@ def guard(
     if fold and all(map(_in_working_dtype, params, grads, [state_dtype] * len(grads))):
         return Guarded(grads, norm, scale, keep)
     return Guarded([grad * scale for grad in grads], norm, None, keep)
+
+
+class GuardRecord:
+    """What the guards keep across steps: the last joint norm before clipping, and the number of
+    skipped steps (counted on the host in eager steps, on the device in traced ones).
+
+    Containers and in-place updates only: torch.compile keeps a traced step's store into a
+    list and its in-place add, but drops a tensor stored as an attribute of the optimizer, and
+    a tally created in a traced step would change what the next step reads (a recompile).
+    """
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.norm: list[Tensor | None] = [None]
+        self.skipped = 0
+        self.tally = torch.zeros((), dtype=torch.int64, device=device)
+
+    def skipped_steps(self) -> int:
+        return self.skipped + int(self.tally)
+
+    def set_skipped_steps(self, value: int) -> None:
+        self.skipped = value
+        self.tally.zero_()
+
+    def copy(self) -> GuardRecord:
+        """A record of the same values, sharing no tensor or container with this one."""
+        twin = GuardRecord(self.tally.device)
+        twin.norm[0], twin.skipped = self.norm[0], self.skipped_steps()
+        return twin
+
+    def note(self, guarded: Guarded) -> bool:
+        """Record one step's guard results; say whether the step goes ahead."""
+        if guarded.norm is not None:
+            self.norm[0] = guarded.norm
+        if guarded.grads is None:
+            self.skipped += 1
+            return False
+        if guarded.keep is not None:
+            self.tally.add_(torch.logical_not(guarded.keep).to(torch.int64).to(self.tally.device))
+        return True
+
+
+def kept(keep: Tensor, batch: Batch) -> Batch:
+    """``batch`` with each new value replaced by its target's current one unless ``keep``: a
+    skipped step decided on the device, in a step traced by ``torch.compile``."""
+    return [(index, [(target, torch.where(keep, value, target)) for target, value in pairs]) for index, pairs in batch]
 
 
 def _in_working_dtype(param: Tensor, grad: Tensor, state_dtype: torch.dtype | None) -> bool:

@@ -23,7 +23,7 @@ from ._groups import (
     unknown_keys,
     unknown_keys_error,
 )
-from ._guards import SCALE_GRADIENTS, check_guard_options, guard
+from ._guards import SCALE_GRADIENTS, GuardRecord, check_guard_options, guard, kept
 from ._segments import is_per_tensor, run_in_segments
 from ._slots import LossOrGrads, checked_gradients, init_state, make_slot, run_closure, traced_batches
 from .apply import write_updates
@@ -112,9 +112,7 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     _stages: tuple[Stage, ...]
-    _skipped: int
-    _skip_tally: Tensor
-    _grad_norm: list[Tensor | None]
+    _guards: GuardRecord
 
     def __init__(
         self,
@@ -132,10 +130,6 @@ class Optimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.skip_nonfinite = skip_nonfinite
         self.max_grad_norm = max_grad_norm
-        # In a list: torch.compile keeps a traced step's store into a container, and drops a
-        # tensor stored as an optimizer attribute.
-        self._grad_norm = [None]
-        self._skipped = 0
         self._check_options()
         if _chain is None:
             stage = make_stage(rule, (), (), None)
@@ -160,9 +154,7 @@ class Optimizer(torch.optim.Optimizer):
         self._constructing = True
         super().__init__(params, defaults)
         first = next((p for group in self.param_groups for p in group["params"]), None)
-        # Steps skipped inside a traced step count here, in place: a tally created in the
-        # traced step would change what the next one reads, and recompile it.
-        self._skip_tally = torch.zeros((), dtype=torch.int64, device=None if first is None else first.device)
+        self._guards = GuardRecord(None if first is None else first.device)
         self._constructing = False
         self._check_engine()
 
@@ -184,7 +176,7 @@ class Optimizer(torch.optim.Optimizer):
             **self._step_options(),
             _chain=((*self._stages, stage), defaults),
         )
-        composed.skipped_steps, composed.grad_norm = self.skipped_steps, self.grad_norm
+        composed._guards = self._guards.copy()
         pending = self.__dict__.get("_pending_keys", {})
         for index, keys in composed._pending_keys.items():
             if keys & pending.get(index, frozenset()):
@@ -199,9 +191,7 @@ class Optimizer(torch.optim.Optimizer):
         state = super().__getstate__()
         state.update(
             self._step_options(),
-            _skipped=self.skipped_steps,
-            _skip_tally=torch.zeros_like(self._skip_tally),
-            _grad_norm=list(self._grad_norm),
+            _guards=self._guards.copy(),
             _stages=self._stages,
             _betas=self._betas,
             _pending_keys=self.__dict__.get("_pending_keys", {}),
@@ -220,22 +210,17 @@ class Optimizer(torch.optim.Optimizer):
     def grad_norm(self) -> Tensor | None:
         """The joint norm of the last step's gradients before clipping (a 0-d tensor, read
         without a host sync), or ``None`` before the first step and without ``max_grad_norm``."""
-        return self._grad_norm[0]
-
-    @grad_norm.setter
-    def grad_norm(self, value: Tensor | None) -> None:
-        self._grad_norm[0] = value
+        return self._guards.norm[0]
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped by ``skip_nonfinite`` (saved in the state dict). Steps traced by
         ``torch.compile`` count on the device, read here (one host read)."""
-        return self._skipped + int(self._skip_tally)
+        return self._guards.skipped_steps()
 
     @skipped_steps.setter
     def skipped_steps(self, value: int) -> None:
-        self._skipped = value
-        self._skip_tally.zero_()
+        self._guards.set_skipped_steps(value)
 
     @property
     def rule_name(self) -> str:
@@ -393,7 +378,7 @@ class Optimizer(torch.optim.Optimizer):
                         self._stages, checked, self.state, self.param_groups, self.state_dtype, traced, propose
                     )
                 ]
-                yield from batches if keep is None else map(partial(_kept, keep), batches)
+                yield from batches if keep is None else map(partial(kept, keep), batches)
             return
         slots = [
             make_slot(position, group, param, grad, self.state[param], stages, self.state_dtype, traced)
@@ -404,7 +389,7 @@ class Optimizer(torch.optim.Optimizer):
                 yield from self._engine_runner()(stages, slots, values, write)
                 return
             batches = traced_batches(stages, slots, values)
-            yield from batches if keep is None else map(partial(_kept, keep), batches)
+            yield from batches if keep is None else map(partial(kept, keep), batches)
 
     def _guarded(
         self, params: list[Tensor], grads: list[Tensor], fold: bool, traced: bool = False
@@ -414,14 +399,8 @@ class Optimizer(torch.optim.Optimizer):
         keep it; None for a skipped step (counted). ``fold``: the engines may apply the
         clipping factor themselves."""
         guarded = guard(params, grads, self.max_grad_norm, self.skip_nonfinite, self.state_dtype, fold, traced)
-        if guarded.norm is not None:
-            self._grad_norm[0] = guarded.norm
-        if guarded.grads is None:
-            self.skipped_steps += 1
+        if not self._guards.note(guarded) or guarded.grads is None:
             return None
-        if guarded.keep is not None:
-            skipped = torch.logical_not(guarded.keep).to(torch.int64)
-            self._skip_tally.add_(skipped.to(self._skip_tally.device))
         stages, values = self._stages, stage_values(self.param_groups, self._stages)
         if guarded.scale is not None:
             stages = (SCALE_GRADIENTS, *stages)
@@ -514,9 +493,3 @@ class Optimizer(torch.optim.Optimizer):
         """
         _checkpoint.load_state_dict(self, state_dict)
         self._betas.loaded(self.param_groups)
-
-
-def _kept(keep: Tensor, batch: Batch) -> Batch:
-    """``batch`` with each new value replaced by its target's current one unless ``keep``: a
-    skipped step decided on the device, in a step traced by ``torch.compile``."""
-    return [(index, [(target, torch.where(keep, value, target)) for target, value in pairs]) for index, pairs in batch]
