@@ -168,6 +168,15 @@ betas : pair of float or 0-d Tensor, optional, keyword only
     torch.optim's ``(beta1, beta2)``, accepted instead of the two keywords. Giving
     ``betas`` and ``beta1`` or ``beta2`` is a ``TypeError``, and so is anything but a
     tuple or list of two values.""",
+    "adam_epsilon": """\
+epsilon : float or 0-d Tensor, optional
+    :math:`\\epsilon >= 0`, for numerical stability. Default 1e-8. In float16 arithmetic
+    (float16 parameters without ``state_dtype``) 1e-8 is 0, so where the rest of the
+    denominator is 0 (a gradient that was zero so far; for Adam and AMSGrad also one too
+    small for :math:`(1 - \\beta_2) g^2` to be a float16, below about 5e-3 with the defaults)
+    the step divides by zero and the parameter becomes NaN or infinite, as with
+    ``torch.optim.Adam`` at zero gradients. The formula is kept as written: for float16
+    parameters use ``state_dtype=torch.float32``. bfloat16 holds 1e-8.""",
     "engine": """\
 engine : {"foreach", "reference", "compiled"}, optional, keyword only
     How the formula runs; the three agree bit for bit in float32.
@@ -195,7 +204,8 @@ max_grad_norm : float or 0-d Tensor, optional, keyword only
     updates; for FSDP2's DTensors, over every rank's shards). ``opt.grad_norm`` holds the
     norm before clipping of the last step, a 0-d tensor. Default None (no clipping).""",
 }
-"""Numpydoc entries of the parameters that every rule function takes, written once.
+"""Numpydoc entries of the parameters that every rule function (or every one of a family) takes,
+written once.
 
 A line ``{name}`` alone in a rule's docstring is replaced by the entry, indented as the line."""
 
@@ -365,6 +375,7 @@ def momentum(
         skip_nonfinite=skip_nonfinite,
         max_grad_norm=max_grad_norm,
         learning_rate=learning_rate,
+        _modifier_follows=True,
     )
     return base.compose(MOMENTUM, None, momentum=momentum)
 
@@ -427,6 +438,7 @@ def nesterov_momentum(
         skip_nonfinite=skip_nonfinite,
         max_grad_norm=max_grad_norm,
         learning_rate=learning_rate,
+        _modifier_follows=True,
     )
     return base.compose(NESTEROV_MOMENTUM, None, momentum=momentum)
 
@@ -646,8 +658,7 @@ def adam(
         Decay :math:`\beta_1` in [0, 1) of the first-moment estimate. Default 0.9.
     beta2 : float or 0-d Tensor, optional
         Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
-    epsilon : float or 0-d Tensor, optional
-        :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
+    {adam_epsilon}
     {lr}
     {betas}
     {engine}
@@ -711,8 +722,7 @@ def adamax(
         Decay :math:`\beta_1` in [0, 1) of the first-moment estimate. Default 0.9.
     beta2 : float or 0-d Tensor, optional
         Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
-    epsilon : float or 0-d Tensor, optional
-        :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
+    {adam_epsilon}
     {lr}
     {betas}
     {engine}
@@ -777,8 +787,7 @@ def amsgrad(
         Decay :math:`\beta_1` in [0, 1) of the first-moment estimate. Default 0.9.
     beta2 : float or 0-d Tensor, optional
         Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
-    epsilon : float or 0-d Tensor, optional
-        :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.
+    {adam_epsilon}
     {lr}
     {betas}
     {engine}
