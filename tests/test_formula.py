@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torchupdates
-from torchupdates.formula import ForeachGraph, Graph, Node, Symbol, maximum, sqrt, square
+from torchupdates.formula import ForeachGraph, Graph, Node, Symbol, TensorGraph, maximum, sqrt, square
 
 FORMULA = Path(torchupdates.__file__).parent / "formula"
 
@@ -121,3 +121,27 @@ def test_an_engine_may_compute_an_operation_itself() -> None:
     assert computed == [1]
     assert torch.equal(tensors[0], torch.tensor([4.0, 7.0])) and not in_place  # in the new buffer of x * 3
     assert torch.equal(original, torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("formula", [_adam_like, _everything])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tensor_graph_equals_the_formula_on_tensors(formula: Any, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(4, 5, generator=generator).to(dtype) for _ in range(4)]
+    inputs[3] = inputs[3].abs()
+    graph = TensorGraph()
+    leaves = [graph.leaf(t, name) for t, name in zip(inputs, "pgab", strict=True)]
+    results = graph.run(list(formula(*leaves)))
+    for got, expected in zip(results, formula(*inputs), strict=True):
+        assert torch.equal(got.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
+
+
+def test_tensor_graph_takes_a_scalar_second() -> None:
+    # float16 g = 1.1 (1.099609375) times a float32 0-d 0.1: eager g * s is 0.10996094, 1801.6
+    # float16 steps of 2**-14: 1802 / 16384. s * g rounds 0.1 to float16 (0.0999755859375) first:
+    # 0.10993409, 1801.2 steps: 1801 / 16384. The recording holds mul(g, s), so its run gives 1802.
+    g, s = torch.tensor([1.1], dtype=torch.float16), torch.tensor(0.1)
+    assert float(g * s) == 1802 / 16384 and float(s * g) == 1801 / 16384
+    graph = TensorGraph()
+    [product] = graph.run([s * graph.leaf(g, "g")])
+    assert float(product) == 1802 / 16384

@@ -55,8 +55,6 @@ def assert_unchanged(opt, snap):
     for group, saved, params in zip(opt.param_groups, snap["groups"], snap["group_params"], strict=True):
         assert {k for k in group if k != "params"} == saved.keys()
         for key, (obj, value) in saved.items():
-            if key == "betas":  # made to follow beta1/beta2 before a step checks them
-                continue
             now = group[key]
             if isinstance(value, torch.Tensor):
                 assert now is obj and (value.is_meta or torch.equal(now, value)), key
@@ -376,14 +374,63 @@ def test_group_keys_torch_and_schedulers_add_are_taken():
     torch.optim.lr_scheduler.StepLR(opt, 3, last_epoch=0)  # needs initial_lr
 
 
-def test_momentum_in_a_group_needs_a_momentum_stage():
-    a = torch.zeros(2, requires_grad=True)
-    opt = updates.momentum([{"params": [a], "momentum": 0.5}], 0.1)  # momentum() composes apply_momentum
-    assert opt.param_groups[0]["momentum"] == 0.5
-    plain = updates.sgd([{"params": [a], "momentum": 0.5}], 0.1)
-    check_fails(plain, lambda: plain.step([torch.ones(2)]), ValueError, r"unknown key\(s\) \['momentum'\]: sgd takes")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['momentum'\]"):
-        plain.state_dict()
+@pytest.mark.parametrize("rule", ["sgd", "adam", "rmsprop"])
+def test_momentum_in_a_group_of_a_rule_without_momentum_is_refused_at_once(rule):
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    message = rf"param group 1 has unknown key\(s\) \['momentum'\]: {rule} takes .*apply_momentum"
+    with pytest.raises(ValueError, match=message):
+        getattr(updates, rule)([{"params": [a]}, {"params": [b], "momentum": 0.9}], 0.1)
+    opt = getattr(updates, rule)([a], 0.1)
+    check_fails(opt, lambda: opt.add_param_group({"params": [b], "momentum": 0.9}), ValueError, message)
+    composed = updates.apply_momentum(opt)  # its groups do take a momentum
+    composed.add_param_group({"params": [b], "momentum": 0.3})
+    assert [group["momentum"] for group in composed.param_groups] == [0.9, 0.3]
+
+
+@pytest.mark.parametrize("rule", ["momentum", "nesterov_momentum"])
+def test_momentum_in_a_group_of_the_momentum_rules(rule):
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = getattr(updates, rule)([{"params": [a], "momentum": 0.5}, {"params": [b]}], 0.1)
+    assert [group["momentum"] for group in opt.param_groups] == [0.5, 0.9]
+    with pytest.raises(ValueError, match=r"param group 0: momentum must be in \[0, 1\), got 1.5"):
+        getattr(updates, rule)([{"params": [a], "momentum": 1.5}], 0.1)
+    # the key of a second modifier, which these rules do not compose
+    with pytest.raises(ValueError, match=r"param group 0 has unknown key\(s\) \['momentum_2'\]"):
+        getattr(updates, rule)([{"params": [a], "momentum_2": 0.5}], 0.1)
+
+
+# --- 7b. a failed step leaves "betas" and beta1/beta2 as the user set them ------------------
+
+
+@pytest.mark.parametrize("call", ["step", "updates"])
+@pytest.mark.parametrize(
+    ("key", "value", "culprit"),
+    [("betas", (0.5, 1.5), "beta2"), ("beta1", 1.5, "beta1"), ("betas", (-0.1, 0.9), "beta1")],
+)
+def test_a_failed_step_does_not_reconcile_betas(call, key, value, culprit):
+    """Before the fix the step made the two sides agree and then failed its checks: the sides
+    were written, and the memory of the last pair moved to the refused values."""
+    setup = Trained(rule="amsgrad")
+    opt = setup.opt
+    opt.param_groups[0]["betas"] = (0.6, 0.95)  # a valid change in group 0, before group 1's bad one
+    opt.param_groups[1][key] = value
+    check_fails(opt, lambda: getattr(opt, call)(setup.grads()), ValueError, rf"{culprit} must be in \[0, 1\)")
+    assert opt.param_groups[0]["beta1"] == 0.9 and opt.param_groups[0]["betas"] == (0.6, 0.95)
+    # Setting the same side again to a valid value repairs the group; the other side follows.
+    opt.param_groups[1][key] = (0.8, 0.99) if key == "betas" else 0.8
+    opt.step(setup.grads())
+    assert opt.param_groups[0]["beta1"] == 0.6 and opt.param_groups[0]["beta2"] == 0.95
+    group = opt.param_groups[1]
+    assert group["betas"] == (group["beta1"], group["beta2"]) == ((0.8, 0.99) if key == "betas" else (0.8, 0.999))
+
+
+def test_a_failed_step_leaves_a_conflict_between_groups_unwritten():
+    setup = Trained(rule="adam")
+    opt = setup.opt
+    opt.param_groups[0]["betas"] = (0.6, 0.95)
+    opt.param_groups[1]["beta1"], opt.param_groups[1]["betas"] = 0.5, (0.7, 0.999)  # both sides: refused
+    check_fails(opt, lambda: opt.step(setup.grads()), ValueError, r"param group 1: betas=\(0.7, 0.999\).*both changed")
+    assert opt.param_groups[0]["beta1"] == 0.9
 
 
 # --- 8. sets, and non-leaf tensors appended after construction ------------------------------

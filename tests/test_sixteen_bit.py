@@ -182,7 +182,7 @@ def problem(dtype: torch.dtype, seed: int = 0) -> tuple[list[torch.Tensor], list
 
 def run(
     rule: str,
-    hyper: dict[str, float],
+    hyper: dict[str, Any],
     modifier: str | None,
     engine: str,
     via_updates: bool,
@@ -191,9 +191,12 @@ def run(
     state_dtype: torch.dtype | None,
 ) -> list[dict[str, torch.Tensor]]:
     params = [p.clone().requires_grad_(True) for p in init]
-    opt = getattr(torchupdates, rule)(params, **hyper, engine=engine, state_dtype=state_dtype)
+    # As emulate() reads it: "momentum" is the momentum rules' own and any modifier's.
+    momentum = {key: value for key, value in hyper.items() if key == "momentum"}
+    own = hyper if RULES[rule].modifiers else {key: value for key, value in hyper.items() if key not in momentum}
+    opt = getattr(torchupdates, rule)(params, **own, engine=engine, state_dtype=state_dtype)
     if modifier:
-        opt = getattr(torchupdates, modifier)(opt, None)
+        opt = getattr(torchupdates, modifier)(opt, None, **momentum)
     for g in grads:
         if via_updates:
             apply_updates(opt.updates([x.clone() for x in g]))

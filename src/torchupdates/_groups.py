@@ -49,8 +49,9 @@ _TORCH_KEYS = frozenset({"params", "param_names", *SCHEDULER_KEYS})
 
 MODIFIER_KEY = re.compile(r"momentum(_\d+)?")
 """Group keys of the modifiers' hyperparameter (``apply_momentum``'s ``"momentum"``, and
-``"momentum_2"``, ... when stacked): a group given to a rule may hold one for the modifier
-composed next (``momentum()`` builds ``sgd``, then composes ``apply_momentum``)."""
+``"momentum_2"``, ... when stacked). A group given to ``momentum()`` or ``nesterov_momentum()``
+holds one for the modifier they compose at once (they build ``sgd``, then compose
+``apply_momentum``); given to any other rule, such a key is an error like any unknown key."""
 
 Pair = tuple[Any, Any]
 
@@ -168,9 +169,12 @@ def unknown_keys_error(index: int, keys: Iterable[str], defaults: Mapping[str, A
     """The error for a param group given keys the chain does not have (a misspelling, or a
     hyperparameter of another rule: ``weight_decay``, ``betas`` on ``sgd``)."""
     valid = sorted({*defaults, *ALIASES})
+    hint = ""
+    if any(isinstance(key, str) and MODIFIER_KEY.fullmatch(key) for key in keys):
+        hint = "; a modifier's momentum goes into the groups of the optimizer that apply_momentum returns"
     return ValueError(
         f"param group {index} has unknown key(s) {sorted(keys, key=str)}: {owner} takes {valid} "
-        f"(and 'params', 'param_names' and the schedulers' {sorted(SCHEDULER_KEYS)})"
+        f"(and 'params', 'param_names' and the schedulers' {sorted(SCHEDULER_KEYS)}){hint}"
     )
 
 
@@ -277,7 +281,14 @@ class BetasLink:
             self.added(group)
 
     def reconcile(self, groups: Sequence[dict[str, Any]]) -> None:
-        """Make every group's ``"betas"`` and ``beta1``/``beta2`` agree, in place.
+        """Make every group's ``"betas"`` and ``beta1``/``beta2`` agree, in place: write
+        :meth:`reconciled`."""
+        self.write(groups, self.reconciled(groups))
+
+    def reconciled(self, groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """What reconciling writes into each group (``{}`` where nothing changes), writing
+        nothing: a step checks its groups as they will be and writes only when every check
+        passes, so a step that fails leaves both sides and the memory as the user left them.
 
         Of two sides that disagree, the one that changed since :attr:`seen` wins; a group
         without such a memory (appended to ``param_groups`` by hand) must agree already. A
@@ -289,9 +300,11 @@ class BetasLink:
             When both sides changed to different values, or ``"betas"`` is not a pair.
         """
         if self.keys is None:
-            return
+            return [{} for _ in groups]
         keys, seen = self.keys, self.seen
+        changes: list[dict[str, Any]] = []
         for index, group in enumerate(groups):
+            change: dict[str, Any] = {}
             pair: Pair = (group[keys[0]], group[keys[1]])
             betas = _as_pair(group[BETAS], f"param group {index}") if BETAS in group else pair
             if not _same_pair(betas, pair):
@@ -305,9 +318,23 @@ class BetasLink:
                         "both changed since the last step; set one of them (they are kept equal)"
                     )
                 if betas_moved:
-                    group[keys[0]], group[keys[1]] = pair = betas
+                    change[keys[0]], change[keys[1]] = pair = betas
             if not _identical(group.get(BETAS), pair):
-                group[BETAS] = pair
+                change[BETAS] = pair
+            changes.append(change)
+        return changes
+
+    def write(self, groups: Sequence[dict[str, Any]], changes: Sequence[Mapping[str, Any]]) -> None:
+        """Write what :meth:`reconciled` found into the groups, and remember each pair."""
+        if self.keys is None:
+            return
+        seen = self.seen
+        for index, (group, change) in enumerate(zip(groups, changes, strict=True)):
+            # Key by key: group.update, even with nothing in it, made torch.compile guard on
+            # len(group), and the next compiled step recompile.
+            for key, value in change.items():
+                group[key] = value
+            pair = group[BETAS]
             if index < len(seen):
                 seen[index] = pair
             else:

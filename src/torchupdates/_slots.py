@@ -195,7 +195,7 @@ def traced_batches(stages: Sequence[Stage], slots: Sequence[Slot], values: Value
     take a traced step number; each batch gets the counters and their next values here.
     """
     uncounted = tuple(dataclasses.replace(stage, step_key=None) for stage in stages)
-    for batch in propose_reference(uncounted, slots, values):
+    for batch in propose_reference(uncounted, slots, values, traced=True):
         yield [
             (index, pairs + [(counter, counter + 1) for counter in slots[index].counters.values()])
             for index, pairs in batch

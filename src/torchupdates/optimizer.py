@@ -99,7 +99,10 @@ class Optimizer(torch.optim.Optimizer):
     ``OneCycleLR`` and ``CyclicLR`` can cycle ``beta1`` as on ``torch.optim.Adam``. Set
     either side; before each step (and :meth:`updates` and :meth:`state_dict`) the
     optimizer makes them agree again, and the side that changed since the last step wins.
-    Changing both to different values between two steps raises a ``ValueError``.
+    Changing both to different values between two steps raises a ``ValueError``. The values
+    checked are the agreed ones, and they are written only when every check passes: a step
+    that raises leaves ``"betas"``, ``"beta1"`` and ``"beta2"`` as they were set, so setting
+    the same side again (or the other side back) repairs it.
 
     **torch.compile.** A training step that calls :meth:`step` compiles;
     ``torch.compile(opt.step, fullgraph=True)`` is one graph when gradients come from
@@ -124,6 +127,7 @@ class Optimizer(torch.optim.Optimizer):
         skip_nonfinite: bool = False,
         max_grad_norm: float | Tensor | None = None,
         _chain: tuple[tuple[Stage, ...], dict[str, Any]] | None = None,
+        _modifier_follows: bool = False,
         **hyperparameters: Any,
     ) -> None:
         self.engine = engine
@@ -147,15 +151,14 @@ class Optimizer(torch.optim.Optimizer):
             )
         if isinstance(params, dict):
             raise TypeError("params must be an iterable of tensors or of param-group dicts; put one group in a list")
-        # Unknown group keys raise, but a modifier's key met while constructing waits for the
-        # first use: the rule functions momentum() and nesterov_momentum() build sgd with groups
-        # that may override the "momentum" of the modifier they compose next (see compose).
-        self._pending_keys: dict[int, frozenset[str]] = {}
-        self._constructing = True
+        # The rule functions momentum() and nesterov_momentum() build sgd and compose their
+        # modifier at once, so their groups may hold the modifier's "momentum": that one key is
+        # left to the composed optimizer, which checks it. Any other unknown key raises here.
+        self._modifier_follows = _modifier_follows
         super().__init__(params, defaults)
         first = next((p for group in self.param_groups for p in group["params"]), None)
         self._guards = GuardRecord(None if first is None else first.device)
-        self._constructing = False
+        self._modifier_follows = False
         self._check_engine()
 
     def compose(self, modifier: Transform, params: Iterable[Tensor] | None = None, **hyperparameters: Any) -> Optimizer:
@@ -177,11 +180,6 @@ class Optimizer(torch.optim.Optimizer):
             _chain=((*self._stages, stage), defaults),
         )
         composed._guards = self._guards.copy()
-        pending = self.__dict__.get("_pending_keys", {})
-        for index, keys in composed._pending_keys.items():
-            if keys & pending.get(index, frozenset()):
-                raise unknown_keys_error(index, keys & pending[index], composed.defaults, composed.rule_name)
-        composed._pending_keys = {}  # keys set in the groups after construction are the user's
         for param, state in self.state.items():
             composed.state[param] = dict(state)
         return composed
@@ -194,7 +192,6 @@ class Optimizer(torch.optim.Optimizer):
             _guards=self._guards.copy(),
             _stages=self._stages,
             _betas=self._betas,
-            _pending_keys=self.__dict__.get("_pending_keys", {}),
         )
         return state
 
@@ -256,12 +253,10 @@ class Optimizer(torch.optim.Optimizer):
         )
         check_group(group, len(self.param_groups), self._stages, self.rule_name)
         unknown = unknown_keys(group, self.defaults)
-        if unknown and (not self.__dict__.get("_constructing") or not all(map(MODIFIER_KEY.fullmatch, unknown))):
+        if unknown and not (self.__dict__.get("_modifier_follows") and all(map(MODIFIER_KEY.fullmatch, unknown))):
             raise unknown_keys_error(len(self.param_groups), unknown, self.defaults, self.rule_name)
         super().add_param_group(group)
         self._params_seen = [tuple(group["params"]) for group in self.param_groups]  # all checked
-        if unknown:
-            self._pending_keys[len(self.param_groups) - 1] = unknown
         self._betas.added(group)
 
     def _check_options(self) -> None:
@@ -350,11 +345,11 @@ class Optimizer(torch.optim.Optimizer):
         # frames of their own, which would answer True while this step runs eagerly.
         traced = torch.compiler.is_compiling()
         self._check_options()
-        self._check_keys()
         self._check_params()
-        self._betas.reconcile(self.param_groups)
-        for index, group in enumerate(self.param_groups):
-            check_group(group, index, self._stages, self.rule_name, traced)
+        changes = self._betas.reconciled(self.param_groups)
+        for index, (group, change) in enumerate(zip(self.param_groups, changes, strict=True)):
+            check_group({**group, **change} if change else group, index, self._stages, self.rule_name, traced)
+        self._betas.write(self.param_groups, changes)
         return traced
 
     def _proposals(self, loss_or_grads: LossOrGrads, write: bool, traced: bool) -> Iterator[Batch]:
@@ -430,13 +425,6 @@ class Optimizer(torch.optim.Optimizer):
         with torch.no_grad():
             return engine.run_repeat(plan, stages, values)
 
-    def _check_keys(self) -> None:
-        """Raise for a param group given at construction with a key the chain does not have."""
-        pending = self.__dict__.get("_pending_keys")
-        if pending:
-            index, keys = min(pending.items())
-            raise unknown_keys_error(index, keys, self.defaults, self.rule_name)
-
     def _check_params(self) -> None:
         """Check the groups' parameter lists again when they changed since the last check
         (entries appended or replaced by hand): leaf floating-point tensors, each once."""
@@ -474,7 +462,6 @@ class Optimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus ``"rule"`` (the chain's name, checked when loading) and
         ``"state_dtype"`` (this optimizer's, as a dtype name or ``None``)."""
-        self._check_keys()
         self._betas.reconcile(self.param_groups)
         return _checkpoint.state_dict(self)
 

@@ -199,7 +199,13 @@ max_grad_norm : float or 0-d Tensor, optional, keyword only
 beta2 : float or 0-d Tensor, optional
     Decay :math:`\beta_2` in [0, 1) of the second-moment estimate. Default 0.999.
 epsilon : float or 0-d Tensor, optional
-    :math:`\epsilon >= 0`, for numerical stability. Default 1e-8.""",
+    :math:`\epsilon >= 0`, for numerical stability. Default 1e-8. In float16 arithmetic
+    (float16 parameters without ``state_dtype``) 1e-8 is 0, so where the rest of the
+    denominator is 0 (a gradient that was zero so far; for Adam and AMSGrad also one too
+    small for :math:`(1 - \beta_2) g^2` to be a float16, below about 5e-3 with the defaults)
+    the step divides by zero and the parameter becomes NaN or infinite, as with
+    ``torch.optim.Adam`` at zero gradients. The formula is kept as written: for float16
+    parameters use ``state_dtype=torch.float32``. bfloat16 holds 1e-8.""",
 }
 """Numpydoc entries of the parameters that several rule functions take, written once.
 
@@ -346,7 +352,7 @@ def momentum(
     .. [1] Polyak, B. T. (1964): Some methods of speeding up the convergence of iteration
        methods. USSR Computational Mathematics and Mathematical Physics, 4(5):1-17.
     """
-    base = Optimizer(params, SGD, learning_rate=learning_rate, **options)
+    base = Optimizer(params, SGD, learning_rate=learning_rate, _modifier_follows=True, **options)
     return base.compose(MOMENTUM, None, momentum=momentum)
 
 
@@ -393,7 +399,7 @@ def nesterov_momentum(
     .. [2] Bengio, Y., Boulanger-Lewandowski, N. and Pascanu, R. (2013): Advances in
        optimizing recurrent networks. ICASSP 2013, arXiv:1212.0901.
     """
-    base = Optimizer(params, SGD, learning_rate=learning_rate, **options)
+    base = Optimizer(params, SGD, learning_rate=learning_rate, _modifier_follows=True, **options)
     return base.compose(NESTEROV_MOMENTUM, None, momentum=momentum)
 
 

@@ -18,6 +18,8 @@ This package imports nothing else of torchupdates; the rest of the library build
 * :mod:`._sqrt`: correctly rounded square roots of float32/16 tensors on CPU.
 * :mod:`._foreach`: :class:`ForeachGraph`, a graph whose leaves are lists of tensors, run by
   ``torch._foreach_*`` kernels with buffers reused.
+* :mod:`._tensor`: :class:`TensorGraph`, a graph whose leaves are single tensors, run one eager
+  call per operation (the reference engine's run).
 
 Examples
 --------
@@ -49,10 +51,10 @@ A node refers to its operands, nodes or scalars, and holds no values:
 ('div', True, 5)
 
 An engine gives each leaf a value and runs the nodes in order. The simplest run, one eager
-call per node; the foreach engine does the same with multi-tensor kernels
-(:class:`ForeachGraph`) or, on CPU, a generated program of these calls with ``out=`` over
-cache-sized chunks; the compiled engine generates one line of kernel source per node
-(``v6 = op_div(v3, v5)``) and lets ``torch.compile`` fuse them:
+call per node (the reference engine's, :class:`TensorGraph`); the foreach engine does the same
+with multi-tensor kernels (:class:`ForeachGraph`) or, on CPU, a generated program of these
+calls with ``out=`` over cache-sized chunks; the compiled engine generates one line of kernel
+source per node (``v6 = op_div(v3, v5)``) and lets ``torch.compile`` fuse them:
 
 >>> inputs = {"param": torch.tensor([1.0, 2.0]), "grad": torch.tensor([0.5, -1.0]), "a": torch.tensor([4.0, 0.25])}
 >>> values = []
@@ -65,7 +67,9 @@ cache-sized chunks; the compiled engine generates one line of kernel source per 
 >>> {name: values[node.index] for name, node in graph.outputs.items()}
 {'param': tensor([0.8750, 3.0000])}
 
-The same formula on the tensors themselves gives the same values, computed at once:
+The same formula on the tensors themselves gives the same values, computed at once. (Not quite
+always: eager torch rounds a 16-bit tensor times a 0-d tensor by operand order, and the
+recording holds the scalar second; see :mod:`torchupdates.formula._tensor`.)
 
 >>> inputs["param"] - lr * inputs["grad"] / sqrt(inputs["a"] + eps)
 tensor([0.8750, 3.0000])
@@ -76,6 +80,7 @@ from ._graph import Graph, Node, Scalar, Symbol, is_scalar
 from ._math import Array, Value, maximum, sqrt, square
 from ._ops import COMMUTATIVE, ELEMENTWISE, FOREACH, PROBE_SCALAR, ScalarKind, probe_operands, scalar_kind
 from ._sqrt import needs_wide_sqrt, numpy_sqrt, sqrt_tensor
+from ._tensor import TensorGraph
 
 __all__ = [
     "COMMUTATIVE",
@@ -89,6 +94,7 @@ __all__ = [
     "Scalar",
     "ScalarKind",
     "Symbol",
+    "TensorGraph",
     "Value",
     "is_scalar",
     "maximum",
