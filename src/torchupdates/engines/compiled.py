@@ -269,7 +269,7 @@ class _Run:
         self.params = [slot.param for slot in members]
         self.grads = [slot.param.grad for slot in members]
         self.entries: Sequence[Mapping[str, Any]] = ()
-        self.addresses = {"param": _addresses(self.params), "grad": _addresses(cast("list[Tensor]", self.grads))}
+        self.addresses = _addresses(self.params)
         self.held: dict[str, list[Tensor]] = {}
         self.state_values: list[Tensor] = []
         for key in first.state:
@@ -291,7 +291,7 @@ class _Run:
         new one) is the common case and is copied here, after the checks a step makes of any
         gradient: a plain dense tensor of the parameter's shape, dtype and device.
         """
-        if _addresses(params) != self.addresses["param"]:
+        if _addresses(params) != self.addresses:
             return None
         # State tensors are the optimizer's: replacing one (load_state_dict, an assignment) is
         # caught by identity; nothing outside reassigns their .data. Every value of every entry
@@ -312,14 +312,12 @@ class _Run:
             low, high = torch.aminmax(self.bucket.counters[key])
             if low != high:
                 return None
+        # A gradient held from the last step is the bucket's own view (a run exists only when
+        # every .grad was made one), so its identity is the check.
         grads = list(map(_GRAD, params))
-        if _all_are(grads, self.grads) and _addresses(cast("list[Tensor]", grads)) == self.addresses["grad"]:
+        if _all_are(grads, self.grads):
             return []
-        moved = [
-            i
-            for i, (grad, held, address) in enumerate(zip(grads, self.grads, self.addresses["grad"], strict=True))
-            if grad is not held or cast(Tensor, grad).data_ptr() != address
-        ]
+        moved = [i for i, (grad, held) in enumerate(zip(grads, self.grads, strict=True)) if grad is not held]
         for i in moved:
             grad, param = cast(Tensor, grads[i]), params[i]
             if not (
