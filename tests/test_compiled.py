@@ -196,7 +196,9 @@ def test_missing_compiler_is_a_clear_error_before_any_step() -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"max_grad_norm": 0.05, "skip_nonfinite": True}], ids=["plain", "clipped and checked"]
+    "options",
+    [{}, {"max_grad_norm": 0.05, "skip_nonfinite": True}, {"max_norm": 0.3}],
+    ids=["plain", "clipped and checked", "norm constraint last"],
 )
 @pytest.mark.parametrize("set_to_none", [False, True], ids=["grads kept", "new grads"])
 def test_steady_state_steps_skip_the_slots_and_stay_exact(
@@ -220,7 +222,10 @@ def test_steady_state_steps_skip_the_slots_and_stay_exact(
     for engine in ("foreach", "compiled"):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        opt = torchupdates.apply_momentum(torchupdates.amsgrad(model.parameters(), 0.01, engine=engine, **options))
+        rule_options = {k: v for k, v in options.items() if k != "max_norm"}
+        opt = torchupdates.apply_momentum(torchupdates.amsgrad(model.parameters(), 0.01, engine=engine, **rule_options))
+        if "max_norm" in options:  # the constraint runs on the written parameters
+            opt = torchupdates.apply_norm_constraint(opt, options["max_norm"], params=[model[0].weight])
         x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
         for _ in range(5):
             opt.zero_grad(set_to_none=set_to_none)
@@ -229,7 +234,9 @@ def test_steady_state_steps_skip_the_slots_and_stay_exact(
         runs.append((opt, list(model.parameters())))
     assert_same(*runs[0], *runs[1])
     assert repeated == [True] * 4  # the first step builds the buffers
-    if options:
+    if "max_norm" in options:
+        assert float(runs[1][1][0].detach().norm(dim=1).max()) <= 0.3 + 1e-6  # the constraint held
+    if "max_grad_norm" in options:
         norms = [cast(torch.Tensor, opt.grad_norm) for opt, _ in runs]
         assert torch.equal(norms[0], norms[1]) and float(norms[1]) > 0.05  # the same norm, and clipping acted
 

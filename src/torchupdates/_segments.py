@@ -9,6 +9,11 @@ that proposal as their incoming value. The pieces are the same operations as edi
 update dictionary by hand: with the constraint last, a step equals
 ``upd = opt.updates(x); upd[p] = norm_constraint(upd[p], ...)`` and ``apply_updates(upd)``.
 Proposals pass between segments in the parameter's dtype, as in the dictionary.
+
+A step that writes, with the per-tensor stage last and alone, takes a shorter way to the same
+bits: the engine writes the elementwise stages in place (fused, as a chain without the
+constraint), and the constraint then rescales each written parameter where it lies: the
+written parameter is the proposal, and nothing after the constraint reads it.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from torch import Tensor
 
 from ._groups import stage_values
 from ._slots import make_slot
+from .apply import write_updates
 from .engines import Batch, Slot, Stage
 
-__all__ = ["Propose", "is_per_tensor", "run_in_segments"]
+__all__ = ["Propose", "constrain_written", "ends_per_tensor", "is_per_tensor", "run_in_segments"]
 
 Propose = Callable[[Sequence[Stage], Sequence[Slot], Sequence[Sequence[dict[str, Any]]]], Iterator[Batch]]
 """An engine run without writing: ``propose(stages, slots, values)`` yields its batches."""
@@ -32,6 +38,24 @@ Propose = Callable[[Sequence[Stage], Sequence[Slot], Sequence[Sequence[dict[str,
 def is_per_tensor(stage: Stage) -> bool:
     """Whether the stage's formula works on whole tensors only (not elementwise)."""
     return stage.transform.per_tensor
+
+
+def ends_per_tensor(stages: Sequence[Stage]) -> bool:
+    """Whether the chain's one per-tensor stage is its last."""
+    return is_per_tensor(stages[-1]) and not any(map(is_per_tensor, stages[:-1]))
+
+
+def constrain_written(
+    stage: Stage, params: Sequence[tuple[int, int, Tensor]], groups: Sequence[Mapping[str, Any]]
+) -> None:
+    """Apply the final per-tensor ``stage`` to parameters the step has written, in place.
+    ``params`` holds ``(position, group index, parameter)`` of each parameter the step updated."""
+    values = stage_values(groups, [stage])
+    for position, group, param in params:
+        if stage.applies_to(position):
+            proposal, _ = stage.transform.formula(param, param.detach(), {}, None, **values[group][0])
+            assert isinstance(proposal, Tensor)
+            write_updates({param: proposal})
 
 
 def _segments(stages: Sequence[Stage]) -> list[tuple[int, int]]:

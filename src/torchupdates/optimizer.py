@@ -24,7 +24,7 @@ from ._groups import (
     unknown_keys_error,
 )
 from ._guards import SCALE_GRADIENTS, GuardRecord, check_guard_options, guard, kept
-from ._segments import is_per_tensor, run_in_segments
+from ._segments import constrain_written, ends_per_tensor, is_per_tensor, run_in_segments
 from ._slots import LossOrGrads, checked_gradients, init_state, make_slot, run_closure, traced_batches
 from .apply import write_updates
 from .engines import ENGINES, Batch, Engine, Stage
@@ -356,9 +356,14 @@ class Optimizer(torch.optim.Optimizer):
         """The engine's batches of one step, from inputs :meth:`_check_inputs` has checked;
         none when ``skip_nonfinite`` skips the step."""
         checked = checked_gradients(loss_or_grads, self.param_groups, self._stages, self.rule_name)
-        segmented = any(map(is_per_tensor, self._stages))
+        # A final norm constraint on a step that writes: the engine writes the stages before
+        # it, then the constraint rescales the written parameters (see _segments).
+        final = self._stages[-1] if write and not traced and ends_per_tensor(self._stages) else None
+        segmented = final is None and any(map(is_per_tensor, self._stages))
         params, grads = [param for *_, param, _ in checked], [grad for *_, grad in checked]
-        guarded = self._guarded(params, grads, fold=not segmented, traced=traced)
+        guarded = self._guarded(
+            params, grads, fold=not segmented, traced=traced, stages=self._stages[:-1] if final else None
+        )
         if guarded is None:
             return
         grads, stages, values, keep = guarded
@@ -382,21 +387,29 @@ class Optimizer(torch.optim.Optimizer):
         with torch.no_grad():
             if not traced:
                 yield from self._engine_runner()(stages, slots, values, write)
+                if final is not None:
+                    constrain_written(final, [entry[:3] for entry in checked], self.param_groups)
                 return
             batches = traced_batches(stages, slots, values)
             yield from batches if keep is None else map(partial(kept, keep), batches)
 
     def _guarded(
-        self, params: list[Tensor], grads: list[Tensor], fold: bool, traced: bool = False
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        fold: bool,
+        traced: bool = False,
+        stages: tuple[Stage, ...] | None = None,
     ) -> tuple[list[Tensor], tuple[Stage, ...], list[list[dict[str, Any]]], Tensor | None] | None:
         """The gradients, stages and hyperparameters of a step after ``max_grad_norm`` and
         ``skip_nonfinite`` (see :mod:`torchupdates._guards`), and in a traced step whether to
         keep it; None for a skipped step (counted). ``fold``: the engines may apply the
-        clipping factor themselves."""
+        clipping factor themselves. ``stages``: the chain the engine runs (default: all)."""
         guarded = guard(params, grads, self.max_grad_norm, self.skip_nonfinite, self.state_dtype, fold, traced)
         if not self._guards.note(guarded) or guarded.grads is None:
             return None
-        stages, values = self._stages, stage_values(self.param_groups, self._stages)
+        stages = self._stages if stages is None else stages
+        values = stage_values(self.param_groups, stages)
         if guarded.scale is not None:
             stages = (SCALE_GRADIENTS, *stages)
             values = [[{"scale": guarded.scale}, *group_values] for group_values in values]
@@ -407,7 +420,8 @@ class Optimizer(torch.optim.Optimizer):
         engine can prove nothing changed since its last step. Say whether it stepped
         (or skipped the step: ``skip_nonfinite``)."""
         engine = self._engine_runner()
-        if not isinstance(engine, CompiledEngine) or any(map(is_per_tensor, self._stages)):
+        final = self._stages[-1] if ends_per_tensor(self._stages) else None
+        if not isinstance(engine, CompiledEngine) or (final is None and any(map(is_per_tensor, self._stages))):
             return False
         live = [[p for p in group["params"] if p.grad is not None and p.requires_grad] for group in self.param_groups]
         plan = engine.prepare_repeat(live, self.state)
@@ -416,14 +430,27 @@ class Optimizer(torch.optim.Optimizer):
         guards = self.max_grad_norm is not None or self.skip_nonfinite
         params = [p for group_params in live for p in group_params] if guards else []
         grads = [cast(Tensor, p.grad) for p in params]
-        guarded = self._guarded(params, grads, fold=True)
+        guarded = self._guarded(params, grads, fold=True, stages=self._stages[:-1] if final else None)
         if guarded is None:
             return True
         guarded_grads, stages, values, _ = guarded
         if any(map(operator.is_not, guarded_grads, grads)):
             return False  # clipped copies: the kernels take the gradients in their buffers
         with torch.no_grad():
-            return engine.run_repeat(plan, stages, values)
+            if not engine.run_repeat(plan, stages, values):
+                return False
+            if final is not None:
+                constrain_written(final, self._positions(live), self.param_groups)
+        return True
+
+    def _positions(self, live: list[list[Tensor]]) -> list[tuple[int, int, Tensor]]:
+        """``(flat position, group index, parameter)`` of the parameters in ``live`` (per group)."""
+        positions, start = [], 0
+        for index, (group, group_live) in enumerate(zip(self.param_groups, live, strict=True)):
+            stepped = {id(p) for p in group_live}
+            positions += [(start + i, index, p) for i, p in enumerate(group["params"]) if id(p) in stepped]
+            start += len(group["params"])
+        return positions
 
     def _check_params(self) -> None:
         """Check the groups' parameter lists again when they changed since the last check
