@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
-from functools import partial
-from typing import Any, TypedDict, cast
+from collections.abc import Callable, Iterable
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -19,16 +18,15 @@ from ._groups import (
     check_group,
     check_params,
     new_group,
-    stage_values,
     unknown_keys,
     unknown_keys_error,
 )
-from ._guards import SCALE_GRADIENTS, GuardRecord, check_guard_options, guard, kept
-from ._segments import constrain_written, ends_per_tensor, is_per_tensor, run_in_segments
-from ._slots import LossOrGrads, checked_gradients, init_state, make_slot, run_closure, traced_batches
+from ._guards import GuardRecord, check_guard_options
+from ._slots import LossOrGrads, init_state, run_closure
+from ._stepping import proposals, step_again
 from .apply import write_updates
-from .engines import ENGINES, Batch, Engine, Stage
-from .engines.compiled import CompiledEngine, require_compiler
+from .engines import ENGINES, Engine, Stage
+from .engines.compiled import require_compiler
 from .transform import Transform, defaults_of
 
 __all__ = ["Optimizer", "ParamsT", "StepOptions"]
@@ -304,7 +302,7 @@ class Optimizer(torch.optim.Optimizer):
         _, loss_or_grads = run_closure(loss_or_grads, closure)
         traced = self._check_inputs()
         per_slot: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        for batch in self._proposals(loss_or_grads, write=False, traced=traced):
+        for batch in proposals(self, loss_or_grads, write=False, traced=traced):
             per_slot.update(batch)
         # torch's schedulers watch step() to warn when they run before any optimizer step;
         # an update dictionary is a step too, so tell them.
@@ -330,11 +328,11 @@ class Optimizer(torch.optim.Optimizer):
         if isinstance(loss_or_grads, Tensor):
             loss = loss_or_grads
         traced = self._check_inputs()
-        if loss_or_grads is None and not traced and self._step_again():
+        if loss_or_grads is None and not traced and step_again(self):
             return loss
         # Batches touch disjoint tensors and every input is checked before the first, so writing
         # each as it comes (hot in cache; the engine may write some itself) is apply(updates(x)).
-        for batch in self._proposals(loss_or_grads, write=True, traced=traced):
+        for batch in proposals(self, loss_or_grads, write=True, traced=traced):
             write_updates(OrderedDict(pair for _, pairs in batch for pair in pairs))
         return loss
 
@@ -351,106 +349,6 @@ class Optimizer(torch.optim.Optimizer):
             check_group({**group, **change} if change else group, index, self._stages, self.rule_name, traced)
         self._betas.write(self.param_groups, changes)
         return traced
-
-    def _proposals(self, loss_or_grads: LossOrGrads, write: bool, traced: bool) -> Iterator[Batch]:
-        """The engine's batches of one step, from inputs :meth:`_check_inputs` has checked;
-        none when ``skip_nonfinite`` skips the step."""
-        checked = checked_gradients(loss_or_grads, self.param_groups, self._stages, self.rule_name)
-        # A final norm constraint on a step that writes: the engine writes the stages before
-        # it, then the constraint rescales the written parameters (see _segments).
-        final = self._stages[-1] if write and not traced and ends_per_tensor(self._stages) else None
-        segmented = final is None and any(map(is_per_tensor, self._stages))
-        params, grads = [param for *_, param, _ in checked], [grad for *_, grad in checked]
-        guarded = self._guarded(
-            params, grads, fold=not segmented, traced=traced, stages=self._stages[:-1] if final else None
-        )
-        if guarded is None:
-            return
-        grads, stages, values, keep = guarded
-        checked = [(*entry[:3], grad) for entry, grad in zip(checked, grads, strict=True)]
-        self._init_group(tuple(position for position, *_ in checked))  # every input checked
-        if segmented:
-            engine = self._engine_runner()
-            propose = traced_batches if traced else lambda stages, slots, values: engine(stages, slots, values, False)
-            with torch.no_grad():
-                batches: Iterable[Batch] = [
-                    run_in_segments(
-                        self._stages, checked, self.state, self.param_groups, self.state_dtype, traced, propose
-                    )
-                ]
-                yield from batches if keep is None else map(partial(kept, keep), batches)
-            return
-        slots = [
-            make_slot(position, group, param, grad, self.state[param], stages, self.state_dtype, traced)
-            for position, group, param, grad in checked
-        ]
-        with torch.no_grad():
-            if not traced:
-                yield from self._engine_runner()(stages, slots, values, write)
-                if final is not None:
-                    constrain_written(final, [entry[:3] for entry in checked], self.param_groups)
-                return
-            batches = traced_batches(stages, slots, values)
-            yield from batches if keep is None else map(partial(kept, keep), batches)
-
-    def _guarded(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        fold: bool,
-        traced: bool = False,
-        stages: tuple[Stage, ...] | None = None,
-    ) -> tuple[list[Tensor], tuple[Stage, ...], list[list[dict[str, Any]]], Tensor | None] | None:
-        """The gradients, stages and hyperparameters of a step after ``max_grad_norm`` and
-        ``skip_nonfinite`` (see :mod:`torchupdates._guards`), and in a traced step whether to
-        keep it; None for a skipped step (counted). ``fold``: the engines may apply the
-        clipping factor themselves. ``stages``: the chain the engine runs (default: all)."""
-        guarded = guard(params, grads, self.max_grad_norm, self.skip_nonfinite, self.state_dtype, fold, traced)
-        if not self._guards.note(guarded) or guarded.grads is None:
-            return None
-        stages = self._stages if stages is None else stages
-        values = stage_values(self.param_groups, stages)
-        if guarded.scale is not None:
-            stages = (SCALE_GRADIENTS, *stages)
-            values = [[{"scale": guarded.scale}, *group_values] for group_values in values]
-        return guarded.grads, stages, values, guarded.keep
-
-    def _step_again(self) -> bool:
-        """An engine's steady state: step from ``.grad`` without building slots when the
-        engine can prove nothing changed since its last step. Say whether it stepped
-        (or skipped the step: ``skip_nonfinite``)."""
-        engine = self._engine_runner()
-        final = self._stages[-1] if ends_per_tensor(self._stages) else None
-        if not isinstance(engine, CompiledEngine) or (final is None and any(map(is_per_tensor, self._stages))):
-            return False
-        live = [[p for p in group["params"] if p.grad is not None and p.requires_grad] for group in self.param_groups]
-        plan = engine.prepare_repeat(live, self.state)
-        if plan is None:
-            return False
-        guards = self.max_grad_norm is not None or self.skip_nonfinite
-        params = [p for group_params in live for p in group_params] if guards else []
-        grads = [cast(Tensor, p.grad) for p in params]
-        guarded = self._guarded(params, grads, fold=True, stages=self._stages[:-1] if final else None)
-        if guarded is None:
-            return True
-        guarded_grads, stages, values, _ = guarded
-        if any(map(operator.is_not, guarded_grads, grads)):
-            return False  # clipped copies: the kernels take the gradients in their buffers
-        with torch.no_grad():
-            if not engine.run_repeat(plan, stages, values):
-                return False
-            if final is not None:
-                constrain_written(final, self._positions(live), self.param_groups)
-        return True
-
-    def _positions(self, live: list[list[Tensor]]) -> list[tuple[int, int, Tensor]]:
-        """``(flat position, group index, parameter)`` of the parameters in ``live`` (per group)."""
-        positions, start = [], 0
-        for index, (group, group_live) in enumerate(zip(self.param_groups, live, strict=True)):
-            stepped = {id(p) for p in group_live}
-            positions += [(start + i, index, p) for i, p in enumerate(group["params"]) if id(p) in stepped]
-            start += len(group["params"])
-        return positions
 
     def _check_params(self) -> None:
         """Check the groups' parameter lists again when they changed since the last check
