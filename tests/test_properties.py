@@ -28,18 +28,18 @@ HYPER = {
 }
 DECAY_NAMES = {"momentum", "rho", "beta1", "beta2"}
 
-shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)  # 0-d and 0-size included
 decays = st.floats(0.0, 0.999)
 epsilons = st.one_of(st.just(0.0), st.floats(1e-10, 1e-2))
 learning_rates = st.floats(0.0, 1.0)
 
 
 @st.composite
-def configurations(draw):
+def configurations(draw, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64), eps=None):
     rule = draw(st.sampled_from(RULES))
     hyper = {"learning_rate": draw(learning_rates)}
     for name in HYPER[rule]:
-        hyper[name] = draw(decays if name in DECAY_NAMES else epsilons)
+        hyper[name] = draw(decays if name in DECAY_NAMES else (epsilons if eps is None else eps))
     return {
         "rule": rule,
         "hyper": hyper,
@@ -49,7 +49,7 @@ def configurations(draw):
         "modifier": draw(st.sampled_from([None, "apply_momentum", "apply_nesterov_momentum"])),
         "modifier_momentum": draw(decays),
         "subset": draw(st.booleans()),
-        "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
+        "dtype": draw(st.sampled_from(dtypes)),
         "shapes": draw(st.lists(shapes, min_size=1, max_size=4)),
         "two_groups": draw(st.booleans()),
         "group_lr": draw(learning_rates),
@@ -97,6 +97,17 @@ def test_engines_agree_bitwise_and_keep_dtype(config):
             expected_dtype = torch.int64 if key.startswith("step") else config["dtype"]
             assert state_ref[key].dtype == state_fe[key].dtype == expected_dtype
             torch.testing.assert_close(state_fe[key], state_ref[key], rtol=0, atol=0, equal_nan=True)
+
+
+@SETTINGS
+@given(configurations(dtypes=(torch.float32, torch.float64), eps=st.floats(1e-8, 1e-2)))
+def test_finite_inputs_with_sane_hyperparameters_give_finite_results(config):
+    # Finite gradients, decays in [0, 1) and a positive epsilon: nothing can divide by zero
+    # or overflow in a few steps, so every parameter and state value stays finite.
+    params, opt = _run(config, "foreach")
+    for param in params:
+        assert torch.isfinite(param).all()
+        assert all(torch.isfinite(value).all() for value in opt.state[param].values())
 
 
 @SETTINGS
