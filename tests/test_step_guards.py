@@ -96,6 +96,22 @@ def test_finite_gradients_whose_squares_overflow_are_not_skipped(dtype: torch.dt
     assert opt.skipped_steps == 1
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gradients_whose_joint_norm_overflows_are_clipped_to_zero_not_skipped(engine: str) -> None:
+    # Finite float32 gradients of joint norm above the largest float32: the norm is infinite,
+    # so total_norm_constraint's factor is 0 and the clipped gradients are zeros (finite): a
+    # step with a zero gradient, not a skipped one. Their sum overflows too (the exact check).
+    params = [torch.ones(3, requires_grad=True)]
+    grads = [torch.tensor([3e38, 3e38, 1.0])]
+    opt = updates.sgd(params, 0.5, engine=engine, skip_nonfinite=True, max_grad_norm=1.0)
+    opt.step(grads)
+    assert opt.skipped_steps == 0 and opt.grad_norm is not None and float(opt.grad_norm) == float("inf")
+    assert torch.equal(params[0].detach(), torch.ones(3))  # p - 0.5 * (g * 0)
+    unclipped = updates.sgd([torch.ones(3, requires_grad=True)], 0.5, engine=engine, skip_nonfinite=True)
+    unclipped.step(grads)
+    assert unclipped.skipped_steps == 0
+
+
 @pytest.mark.parametrize("engine", ["foreach", pytest.param("compiled", marks=needs_compiler)])
 def test_skipping_from_grad_writes_nothing_and_survives_a_checkpoint(engine: str) -> None:
     # The steady-state path of a training loop (.grad kept between steps).

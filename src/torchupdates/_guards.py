@@ -9,13 +9,14 @@ state is created or written:
   equals, bit for bit, ``opt.step(total_norm_constraint(grads, c))`` on an optimizer
   without it. For DTensor gradients (FSDP2) the norm is over every shard of every rank.
 - the check asks whether any gradient (after clipping) holds a NaN or an infinity, with one
-  read of the answer on the host per step. With clipping, the joint norm already answers it:
-  it is finite exactly when every gradient is (its overflow rescue makes it finite for
-  large finite values), and the clipped gradients, scaled by at most 1, are then finite
-  too. Without clipping, one multi-tensor pass takes each gradient's Euclidean norm (NaN
-  and infinity propagate into it); only when a norm is not finite, which squaring very
-  large finite values can also cause, does a second pass decide exactly, by
-  ``sum(g * 0)``: 0 when ``g`` is finite and NaN otherwise (``inf * 0`` is NaN).
+  read of the answer on the host per step. With clipping, a finite joint norm answers it:
+  every gradient is then finite, and so are the clipped ones, scaled by at most 1. (A norm
+  beyond the dtype's range makes the factor 0 and the clipped gradients zeros, finite where
+  the gradients are: then, and without clipping, the next check decides.) One pass sums
+  each gradient: a NaN or an infinity makes its sum one (the compiled engine's steady state
+  sums its flat gradient buffers instead, one reduction each). Only when a sum is not
+  finite, which adding very large finite values can also cause, does a second pass decide
+  exactly, by ``sum(g * 0)``: 0 when ``g`` is finite and NaN otherwise (``inf * 0`` is NaN).
 """
 
 from __future__ import annotations
@@ -88,12 +89,14 @@ def guard(
     state_dtype: torch.dtype | None,
     fold: bool,
     traced: bool = False,
+    check: Sequence[Tensor] | None = None,
 ) -> Guarded:
     """Clip (``max_grad_norm``) and check (``skip_nonfinite``) a step's checked gradients.
     ``fold``: the chain can take the clipping factor as :data:`SCALE_GRADIENTS`; it does when
     every gradient is a plain dense real tensor already in its working dtype (elsewhere the
     factor would apply after a conversion, which rounds differently). ``traced``: decide
-    nothing on the host (see :attr:`Guarded.keep`)."""
+    nothing on the host (see :attr:`Guarded.keep`). ``check``: tensors holding exactly the
+    gradients' values (the compiled engine's flat buffers), checked for finiteness instead."""
     if (max_grad_norm is None and not skip_nonfinite) or not grads:
         return Guarded(grads, None, None)
     norm = None if max_grad_norm is None else joint_norm(grads)
@@ -101,8 +104,8 @@ def guard(
     if skip_nonfinite:
         if traced:
             # Not the probe sum(g * 0): a compiler may fold g * 0 into 0, NaN and infinity aside.
-            keep = _finite(norm) if norm is not None else _all_finite_on_device(grads)
-        elif not (all_finite(grads) if norm is None else is_finite(norm)):
+            keep = _all_finite_on_device(grads)
+        elif not ((norm is not None and is_finite(norm)) or all_finite(grads if check is None else check)):
             return Guarded(None, norm, None)
     if norm is None or max_grad_norm is None:
         return Guarded(grads, None, None, keep)
@@ -188,8 +191,8 @@ def all_finite(grads: Sequence[Tensor]) -> bool:
     """Whether every element of every gradient is finite (all ranks' shards of a DTensor)."""
     if not grads:
         return True
-    plain = [grad for grad in grads if type(grad) is Tensor and grad.numel()]
-    if len(plain) == len(grads) and _norms_are_finite(plain):
+    plain = [grad for grad in grads if type(grad) is Tensor and grad.layout == torch.strided]
+    if len(plain) == len(grads) and _sums_are_finite(plain):
         return True
     return bool(_finite(_nonfinite_probe(grads)))
 
@@ -202,12 +205,21 @@ def _all_finite_on_device(grads: Sequence[Tensor]) -> Tensor:
     return verdict
 
 
-def _norms_are_finite(grads: list[Tensor]) -> bool:
+def _sums_are_finite(grads: list[Tensor]) -> bool:
+    """True when every gradient's sum is finite, which proves every element finite (a NaN or
+    an infinity makes its sum one). False also when a sum of finite values overflows."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for grad in grads:
         by_device.setdefault(grad.device, []).append(grad)
-    verdicts = [torch.stack(torch._foreach_norm(group)).isfinite().all() for group in by_device.values()]
+    verdicts = [
+        torch.stack([grad.sum(dtype=_SUM_DTYPE.get(grad.dtype)) for grad in group]).isfinite().all()
+        for group in by_device.values()
+    ]
     return all(bool(verdict) for verdict in verdicts)
+
+
+# A 16-bit sum is accumulated and returned in float32: a float16 result would overflow at 65504.
+_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _nonfinite_probe(grads: Sequence[Tensor]) -> Tensor:

@@ -79,12 +79,14 @@ def _guarded(
     fold: bool,
     traced: bool = False,
     stages: tuple[Stage, ...] | None = None,
+    check: Sequence[Tensor] | None = None,
 ) -> tuple[list[Tensor], tuple[Stage, ...], list[list[dict[str, Any]]], Tensor | None] | None:
     """The gradients, stages and hyperparameters of a step after ``max_grad_norm`` and
     ``skip_nonfinite`` (see :mod:`torchupdates._guards`), and in a traced step whether to
     keep it; None for a skipped step (counted). ``fold``: the engines may apply the
-    clipping factor themselves. ``stages``: the chain the engine runs (default: all)."""
-    guarded = guard(params, grads, opt.max_grad_norm, opt.skip_nonfinite, opt.state_dtype, fold, traced)
+    clipping factor themselves. ``stages``: the chain the engine runs (default: all).
+    ``check``: what to check for finiteness instead of ``grads`` (same values)."""
+    guarded = guard(params, grads, opt.max_grad_norm, opt.skip_nonfinite, opt.state_dtype, fold, traced, check)
     if not opt._guards.note(guarded) or guarded.grads is None:
         return None
     stages = opt._stages if stages is None else stages
@@ -110,7 +112,8 @@ def step_again(opt: Optimizer) -> bool:
     guards = opt.max_grad_norm is not None or opt.skip_nonfinite
     params = [p for group_params in live for p in group_params] if guards else []
     grads = [cast(Tensor, p.grad) for p in params]
-    guarded = _guarded(opt, params, grads, fold=True, stages=opt._stages[:-1] if final else None)
+    body = opt._stages[:-1] if final else None
+    guarded = _guarded(opt, params, grads, fold=True, stages=body, check=plan.gradient_buffers())
     if guarded is None:
         return True
     guarded_grads, stages, values, _ = guarded

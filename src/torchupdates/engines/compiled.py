@@ -354,6 +354,13 @@ class _Repeat:
     runs: list[_Run]
     copies: list[list[int]]
 
+    def gradient_buffers(self) -> list[Tensor] | None:
+        """The flat gradient buffers, when they hold every gradient of the step already (no
+        new ``.grad`` to copy in): the same values, in one tensor per batch."""
+        if any(self.copies):
+            return None
+        return [run.bucket.buffers["grad"] for run in self.runs]
+
 
 class CompiledEngine:
     """``engine="compiled"``: the buffers and kernels of one optimizer.
