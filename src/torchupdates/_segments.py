@@ -53,9 +53,14 @@ def constrain_written(
     values = stage_values(groups, [stage])
     for position, group, param in params:
         if stage.applies_to(position):
-            proposal, _ = stage.transform.formula(param, param.detach(), {}, None, **values[group][0])
-            assert isinstance(proposal, Tensor)
-            write_updates({param: proposal})
+            write_updates({param: _per_tensor(stage, param, param.detach(), values[group][0])})
+
+
+def _per_tensor(stage: Stage, param: Tensor, proposal: Tensor, hyperparameters: dict[str, Any]) -> Tensor:
+    """The per-tensor ``stage``'s new proposal for ``param`` (it keeps no state)."""
+    new, _ = stage.transform.formula(param, proposal, {}, None, **hyperparameters)
+    assert isinstance(new, Tensor)
+    return new
 
 
 def _segments(stages: Sequence[Stage]) -> list[tuple[int, int]]:
@@ -96,9 +101,7 @@ def run_in_segments(
             stage = segment[0]
             for index, (position, group, param, _) in enumerate(checked):
                 if stage.applies_to(position):
-                    proposal, _ = stage.transform.formula(param, incoming[index], {}, None, **values[group][0])
-                    assert isinstance(proposal, Tensor)
-                    incoming[index] = proposal
+                    incoming[index] = _per_tensor(stage, param, incoming[index], values[group][0])
             continue
         slots = [
             make_slot(position, group, param, incoming[index], states[param], segment, state_dtype, traced)

@@ -96,11 +96,7 @@ class _Allocator:
         self.nodes = graph.nodes
         self.leaves = [leaf.node for leaf in leaves]
         self.sqrt = sqrt
-        self.last_read = [-1] * len(self.nodes)
-        for node in self.nodes:
-            for arg in node.args:
-                if isinstance(arg, Node):
-                    self.last_read[arg.index] = node.index
+        self.last_read = graph.last_reads()
         self.output_of: dict[int, int] = {}  # target register -> result node index
         for value, position in outputs:
             node = value.node

@@ -62,11 +62,7 @@ class _Run:
         self.writable = writable
         self.values: list[list[Tensor]] = [tensors.get(node.index, []) for node in nodes]
         self.buffer: list[int | None] = [node.index if node.index in writable else None for node in nodes]
-        self.last_read = [-1] * len(nodes)
-        for node in nodes:
-            for arg in node.args:
-                if isinstance(arg, Node):
-                    self.last_read[arg.index] = node.index
+        self.last_read = lists.graph.last_reads()
         self.kept: set[int] = set()
         self.replaces: dict[int, int] = {}
 

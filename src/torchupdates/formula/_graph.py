@@ -80,6 +80,16 @@ class Graph:
         self.nodes.append(node)
         return Symbol(self, node)
 
+    def last_reads(self) -> list[int]:
+        """For each node, the index of the last node that reads it (-1: none does). A run may
+        free or reuse a node's memory once that node has executed."""
+        last = [-1] * len(self.nodes)
+        for node in self.nodes:
+            for arg in node.args:
+                if isinstance(arg, Node):
+                    last[arg.index] = node.index
+        return last
+
     def output(self, name: str, value: Symbol) -> Node:
         """Name ``value`` a result of the recording (``"param"``, a state key) and return its node."""
         if value.graph is not self:

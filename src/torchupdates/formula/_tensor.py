@@ -41,11 +41,7 @@ class TensorGraph:
     def run(self, outputs: Sequence[Symbol]) -> list[Tensor]:
         """Execute the recorded operations and return the tensor of each output."""
         nodes = self.graph.nodes
-        last_read = [-1] * len(nodes)
-        for node in nodes:
-            for arg in node.args:
-                if isinstance(arg, Node):
-                    last_read[arg.index] = node.index
+        last_read = self.graph.last_reads()
         kept = {value.node.index for value in outputs}
         values = dict(self._tensors)
         for node in nodes:
