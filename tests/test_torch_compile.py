@@ -148,7 +148,13 @@ def test_compiled_step_is_one_graph_on_every_engine(engine: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [{"skip_nonfinite": True}, {"skip_nonfinite": True, "max_grad_norm": 0.5}], ids=["skip", "skip+clip"]
+    "options",
+    [
+        {"skip_nonfinite": True},
+        {"skip_nonfinite": True, "max_grad_norm": 0.5},
+        {"skip_nonfinite": True, "max_grad_norm": torch.tensor(0.5)},  # its value is not read when traced
+    ],
+    ids=["skip", "skip+clip", "skip+tensor clip"],
 )
 def test_guards_trace_into_one_graph_and_skip_on_the_device(options: dict[str, object]) -> None:
     """skip_nonfinite decides on the device when traced (no host read, so fullgraph=True holds):

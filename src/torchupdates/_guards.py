@@ -169,8 +169,11 @@ def _in_working_dtype(param: Tensor, grad: Tensor, state_dtype: torch.dtype | No
     )
 
 
-def check_guard_options(skip_nonfinite: object, max_grad_norm: object) -> None:
-    """Raise a ``TypeError`` or ``ValueError`` naming the option unless both are valid."""
+def check_guard_options(skip_nonfinite: object, max_grad_norm: object, read_tensor: bool = True) -> None:
+    """Raise a ``TypeError`` or ``ValueError`` naming the option unless both are valid.
+    ``read_tensor=False`` (a step traced by ``torch.compile``, where reading a value would
+    break the graph): a 0-d tensor ``max_grad_norm`` is checked for its kind, not its value,
+    as the hyperparameters are."""
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
     if max_grad_norm is None:
@@ -178,6 +181,8 @@ def check_guard_options(skip_nonfinite: object, max_grad_norm: object) -> None:
     if isinstance(max_grad_norm, Tensor):
         if max_grad_norm.dim() != 0 or not max_grad_norm.is_floating_point():
             raise TypeError(f"max_grad_norm must be a number or a floating-point 0-d tensor, got {max_grad_norm!r}")
+        if not read_tensor:
+            return
         value = float(max_grad_norm)
     elif isinstance(max_grad_norm, Real) and not isinstance(max_grad_norm, bool):
         value = float(max_grad_norm)

@@ -257,7 +257,7 @@ class Optimizer(torch.optim.Optimizer):
         self._params_seen = [tuple(group["params"]) for group in self.param_groups]  # all checked
         self._betas.added(group)
 
-    def _check_options(self) -> None:
+    def _check_options(self, traced: bool = False) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {sorted(ENGINES)}")
         if "param_groups" in self.__dict__ and self.__dict__.get("_checked_engine") != self.engine:
@@ -266,7 +266,7 @@ class Optimizer(torch.optim.Optimizer):
             isinstance(self.state_dtype, torch.dtype) and self.state_dtype.is_floating_point
         ):
             raise TypeError(f"state_dtype must be a floating-point torch.dtype, got {self.state_dtype!r}")
-        check_guard_options(self.skip_nonfinite, self.max_grad_norm)
+        check_guard_options(self.skip_nonfinite, self.max_grad_norm, read_tensor=not traced)
 
     def _check_engine(self) -> None:
         """Raise now, not at the first step, when the engine cannot run here (a compiled
@@ -342,7 +342,7 @@ class Optimizer(torch.optim.Optimizer):
         # Decided here once and passed down: after a graph break, dynamo compiles callees as
         # frames of their own, which would answer True while this step runs eagerly.
         traced = torch.compiler.is_compiling()
-        self._check_options()
+        self._check_options(traced)
         self._check_params()
         changes = self._betas.reconciled(self.param_groups)
         for index, (group, change) in enumerate(zip(self.param_groups, changes, strict=True)):
