@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .engines import Batch, Slot, Stage
+from .engines._chain import fits
 from .engines.reference import propose_reference
 from .grads import compute_grads, describe, given_grads
 from .transform import zero_state
@@ -82,13 +83,7 @@ def checked_grad(position: int, group: int, param: Tensor, grad: object, sparse:
     """``grad`` if it fits ``param`` (a sparse one, of any sparse layout, densified when
     ``sparse`` allows it), else a ``TypeError`` or ``ValueError`` that names the parameter
     and the problem."""
-    if (
-        isinstance(grad, Tensor)
-        and grad.layout == torch.strided
-        and grad.dtype == param.dtype
-        and grad.shape == param.shape
-        and grad.device == param.device
-    ):
+    if fits(grad, param):
         return grad
     name = describe(position, param, group)
     if not isinstance(grad, Tensor):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -93,6 +93,18 @@ def run_chain(
         for name, value in computed.items():
             new_state[stage.state_keys[name]] = value
     return incoming, new_state
+
+
+def fits(grad: object, param: Tensor) -> TypeGuard[Tensor]:
+    """Whether ``grad`` is a dense tensor of ``param``'s shape, dtype and device: a gradient a
+    step takes as it is (anything else is densified or refused by the step's checks)."""
+    return (
+        isinstance(grad, Tensor)
+        and grad.layout == torch.strided
+        and grad.dtype == param.dtype
+        and grad.shape == param.shape
+        and grad.device == param.device
+    )
 
 
 def to_work(tensor: Tensor, dtype: torch.dtype) -> Tensor:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..formula import ELEMENTWISE, PROBE_SCALAR, Graph, Node, ScalarKind, Symbol, probe_operands, scalar_kind
-from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain
+from ._chain import Batch, Slot, Stage, fits, pairs_for_slot, run_chain
 from ._flat import PLAIN_TENSORS, FlatBucket, local, real
 from .reference import propose_reference
 
@@ -319,14 +319,7 @@ class _Run:
             return []
         moved = [i for i, (grad, held) in enumerate(zip(grads, self.grads, strict=True)) if grad is not held]
         for i in moved:
-            grad, param = cast(Tensor, grads[i]), params[i]
-            if not (
-                type(grad) in PLAIN_TENSORS
-                and grad.layout == torch.strided
-                and grad.dtype == param.dtype
-                and grad.shape == param.shape
-                and grad.device == param.device
-            ):
+            if not (type(grads[i]) in PLAIN_TENSORS and fits(grads[i], params[i])):
                 return None  # the ordinary step checks it and says what is wrong
         return moved
 
