@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import torch
@@ -104,7 +104,9 @@ def test_sparse_gradients() -> None:
 
 
 def replace_things(step: int, model: torch.nn.Module, opt: torchupdates.Optimizer) -> None:
-    """What users and frameworks do between steps; the same on both engines."""
+    """What users and frameworks do between steps; the same on both engines. The last two
+    leave tensors the compiled engine cannot hold as views of its buffers (other strides),
+    so that every earlier one comes after a step that made them views."""
     weight = model[0].weight
     if step == 1:
         opt.zero_grad()  # .grad becomes None; backward makes new tensors
@@ -113,32 +115,48 @@ def replace_things(step: int, model: torch.nn.Module, opt: torchupdates.Optimize
     elif step == 3:
         weight.data = weight.data.clone()  # a new storage for one parameter
     elif step == 4:
-        model.to(memory_format=torch.channels_last)  # p.data reassigned, with new strides
-    elif step == 5:
         weight.grad = weight.grad.clone()  # a new gradient tensor, set by hand
-    elif step == 6:
+    elif step == 5:
         opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # state tensors replaced
-    elif step == 7:
-        for p in model.parameters():
-            p.grad = p.grad.t().contiguous().t() if p.dim() == 2 else p.grad  # other strides
-    elif step == 8:
+    elif step == 6:
         state = opt.state[model[2].weight]
         state["m"] = state["m"].clone()  # one state tensor replaced by hand
+    elif step == 7:
+        model[2].bias.requires_grad_(False)  # frozen, its old .grad kept: left as it is
+    elif step == 8:
+        for p in model.parameters():
+            p.grad = p.grad.t().contiguous().t() if p.dim() == 2 else p.grad  # other strides
+    elif step == 9:
+        model.to(memory_format=torch.channels_last)  # p.data reassigned, with new strides
 
 
-def test_replaced_gradients_parameters_and_state() -> None:
+def test_replaced_gradients_parameters_and_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchupdates.engines.compiled import CompiledEngine
+
+    repeated: list[bool] = []
+    original = CompiledEngine.prepare_repeat
+
+    def spy(self: CompiledEngine, *args: Any) -> object:
+        plan = original(self, *args)
+        repeated.append(plan is not None)
+        return plan
+
+    monkeypatch.setattr(CompiledEngine, "prepare_repeat", spy)
     runs = []
     for engine in ("foreach", "compiled"):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 2), torch.nn.Flatten(), torch.nn.Linear(12, 1))
         opt = torchupdates.apply_nesterov_momentum(torchupdates.adam(model.parameters(), 0.01, engine=engine))
         x = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(1))
-        for step in range(10):
+        for step in range(11):
             replace_things(step, model, opt)
             model(x).pow(2).mean().backward()
             opt.step()
         runs.append((opt, list(model.parameters())))
     assert_same(*runs[0], *runs[1])
+    # The steady state stepped where only gradients were new (copied in) or kept, and gave
+    # way to the ordinary step after every other replacement.
+    assert repeated == [False, True, True, False, True, False, False, False, True, False, False]
 
 
 def test_checkpoint_resume_is_exact() -> None:

@@ -247,9 +247,6 @@ def _point_grad_at(param: Tensor, view: Tensor) -> bool:
     return True
 
 
-_GRAD = operator.attrgetter("grad")
-
-
 def _addresses(tensors: Sequence[Tensor]) -> list[int]:
     return list(map(Tensor.data_ptr, tensors))
 
@@ -282,10 +279,13 @@ class _Run:
         for key in self.counter_keys:
             self.held[key] = [slot.counters[key] for slot in members]
 
-    def unchanged(self, params: Sequence[Tensor], entries: Sequence[Mapping[str, Any]]) -> list[int] | None:
+    def unchanged(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], entries: Sequence[Mapping[str, Any]]
+    ) -> list[int] | None:
         """The members whose ``.grad`` must be copied in, when everything else is still the
         bucket's views (nothing replaced, no ``.data`` of a parameter reassigned) and the step
-        counters agree; ``None`` otherwise. ``entries`` are the parameters' state dictionaries.
+        counters agree; ``None`` otherwise. ``grads`` are the parameters' ``.grad`` now,
+        ``entries`` their state dictionaries.
 
         A new gradient tensor (torch's ``zero_grad()`` sets ``.grad`` to None, backward makes a
         new one) is the common case and is copied here, after the checks a step makes of any
@@ -314,7 +314,6 @@ class _Run:
                 return None
         # A gradient held from the last step is the bucket's own view (a run exists only when
         # every .grad was made one), so its identity is the check.
-        grads = list(map(_GRAD, params))
         if _all_are(grads, self.grads):
             return []
         moved = [i for i, (grad, held) in enumerate(zip(grads, self.grads, strict=True)) if grad is not held]
@@ -408,14 +407,17 @@ class CompiledEngine:
             self._runs = runs
 
     def prepare_repeat(
-        self, params: Sequence[Sequence[Tensor]], state: Mapping[Tensor, Mapping[str, Any]]
+        self,
+        params: Sequence[Sequence[Tensor]],
+        grads: Sequence[Sequence[Tensor]],
+        state: Mapping[Tensor, Mapping[str, Any]],
     ) -> _Repeat | None:
         """Whether the next step from ``.grad`` can repeat the last one: a plan for
         :meth:`run_repeat` when nothing changed since, else None. Writes nothing.
 
-        ``params`` are the parameters that have a gradient, per param group. Any tensor
-        replaced, a parameter that gained or lost its gradient, or anything else that differs
-        gives None: the caller then steps the ordinary way.
+        ``params`` are the parameters that have a gradient, per param group, and ``grads``
+        those gradients. Any tensor replaced, a parameter that gained or lost its gradient,
+        or anything else that differs gives None: the caller then steps the ordinary way.
         """
         runs = self._runs
         if not runs:
@@ -427,26 +429,32 @@ class CompiledEngine:
             return None
         # Looking a tensor up in the state dictionary costs a Python-level hash per parameter;
         # when the dictionary holds the same entries as last time, last time's lookups hold.
-        keys, entries = list(state), list(state.values())
         seen = self._state_seen
-        trusted = seen is not None and seen[0] is state and _all_are(keys, seen[1]) and _all_are(entries, seen[2])
+        trusted = (
+            seen is not None
+            and seen[0] is state
+            and len(state) == len(seen[1])
+            and all(map(operator.is_, state, seen[1]))
+            and all(map(operator.is_, state.values(), seen[2]))
+        )
         looked_up, copies = [], []
         for run in runs:
-            group_params = params[run.first.group]
-            start = next(i for i, p in enumerate(group_params) if p is run.params[0])
-            live = group_params[start : start + len(run.params)]
+            group = run.first.group
+            start = next(i for i, p in enumerate(params[group]) if p is run.params[0])
+            live = params[group][start : start + len(run.params)]
             try:
                 run_entries = run.entries if trusted else list(map(state.__getitem__, live))
             except KeyError:
                 return None
-            moved = run.unchanged(live, run_entries)
+            moved = run.unchanged(live, grads[group][start : start + len(run.params)], run_entries)
             if moved is None:
                 return None
             looked_up.append(run_entries)
             copies.append(moved)
         for run, run_entries in zip(runs, looked_up, strict=True):
             run.entries = run_entries
-        self._state_seen = (state, keys, entries)
+        if not trusted:
+            self._state_seen = (state, list(state), list(state.values()))
         return _Repeat(runs, copies)
 
     def run_repeat(
