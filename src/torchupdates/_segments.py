@@ -12,8 +12,9 @@ Proposals pass between segments in the parameter's dtype, as in the dictionary.
 
 A step that writes, with the per-tensor stage last and alone, takes a shorter way to the same
 bits: the engine writes the elementwise stages in place (fused, as a chain without the
-constraint), and the constraint then rescales each written parameter where it lies: the
-written parameter is the proposal, and nothing after the constraint reads it.
+constraint), and the constraint then rescales each written parameter where it lies (in place
+when the stage gives its factor, ``Transform.scale``): the written parameter is the proposal,
+and nothing after the constraint reads it.
 """
 
 from __future__ import annotations
@@ -51,9 +52,14 @@ def constrain_written(
     """Apply the final per-tensor ``stage`` to parameters the step has written, in place.
     ``params`` holds ``(position, group index, parameter)`` of each parameter the step updated."""
     values = stage_values(groups, [stage])
+    scale = stage.transform.scale
     for position, group, param in params:
-        if stage.applies_to(position):
+        if not stage.applies_to(position):
+            continue
+        if scale is None:
             write_updates({param: _per_tensor(stage, param, param.detach(), values[group][0])})
+        else:  # the same multiply, without a new tensor to allocate and copy back
+            param.detach().mul_(scale(param.detach(), **values[group][0]))
 
 
 def _per_tensor(stage: Stage, param: Tensor, proposal: Tensor, hyperparameters: dict[str, Any]) -> Tensor:

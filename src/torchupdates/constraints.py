@@ -142,6 +142,15 @@ def norm_constraint(
     tensor([[0.6000, 0.8000],
             [0.3000, 0.4000]])
     """
+    return tensor * norm_constraint_scale(tensor, max_norm, norm_axes, epsilon)
+
+
+def norm_constraint_scale(
+    tensor: Tensor, max_norm: Scalar, norm_axes: Sequence[int] | None = None, epsilon: Scalar = DEFAULT_EPSILON
+) -> Tensor:
+    """The factor :func:`norm_constraint` multiplies ``tensor`` by: ``clip(n, 0, max_norm) /
+    (epsilon + n)`` per slice, with size-1 axes where the norm's axes were. Multiplying a
+    tensor in place by it gives the same bits as ``norm_constraint`` without a new tensor."""
     tensor = _check_tensor("tensor", tensor)
     check_hyperparameter("norm_constraint", _MAX_NORM, max_norm)
     check_hyperparameter("norm_constraint", _EPSILON, epsilon)
@@ -150,7 +159,7 @@ def norm_constraint(
     norms = _without_overflow(
         norms, lambda: _largest_magnitude(tensor, axes), lambda scale: _sum_of_squares(tensor / scale, axes)
     )
-    return tensor * (_clip(norms, max_norm) / (epsilon + norms))
+    return _clip(norms, max_norm) / (epsilon + norms)
 
 
 def _total(parts: Iterable[Tensor]) -> Tensor:

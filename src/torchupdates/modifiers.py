@@ -9,7 +9,7 @@ from typing import cast
 from torch import Tensor
 
 from ._docs import filled
-from .constraints import check_norm_axes, norm_constraint
+from .constraints import check_norm_axes, norm_constraint, norm_constraint_scale
 from .formula import Array, Scalar
 from .optimizer import Optimizer
 from .transform import NON_NEGATIVE, UNIT_INTERVAL, Formula, Hyperparameter, Transform
@@ -127,6 +127,12 @@ def _constrain(
     return norm_constraint(proposal, max_norm, norm_axes, epsilon), {}
 
 
+def _constraint_scale(
+    proposal: Tensor, *, max_norm: Scalar, epsilon: Scalar, norm_axes: tuple[int, ...] | None
+) -> Tensor:
+    return norm_constraint_scale(proposal, max_norm, norm_axes, epsilon)
+
+
 _NORM_CONSTRAINT_HYPERPARAMETERS = (
     Hyperparameter("max_norm", None, NON_NEGATIVE),
     Hyperparameter("epsilon", 1e-7, NON_NEGATIVE),
@@ -213,7 +219,10 @@ def apply_norm_constraint(
     for param in flat if chosen is None else chosen:
         check_norm_axes(param.dim(), axes)
     formula = cast(Formula, functools.partial(_constrain, norm_axes=axes))
-    modifier = Transform("apply_norm_constraint", _NORM_CONSTRAINT_HYPERPARAMETERS, (), formula, per_tensor=True)
+    scale = functools.partial(_constraint_scale, norm_axes=axes)
+    modifier = Transform(
+        "apply_norm_constraint", _NORM_CONSTRAINT_HYPERPARAMETERS, (), formula, per_tensor=True, scale=scale
+    )
     return optimizer.compose(modifier, chosen, max_norm=max_norm, epsilon=epsilon)
 
 

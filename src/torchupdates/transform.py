@@ -101,6 +101,11 @@ class Transform:
         Whether the formula needs whole tensors (a norm over a slice), so that the engines
         cannot run it element by element: the optimizer runs it on each tensor between
         engine runs of the other stages.
+    scale : callable, optional
+        For a per-tensor formula that multiplies its proposal by a factor computed from it:
+        that factor, ``scale(proposal, **hyperparameters)``. With it, a step whose last stage
+        this is rescales each parameter in place once the stages before it are written,
+        instead of writing a new tensor.
     """
 
     name: str
@@ -110,6 +115,7 @@ class Transform:
     counts_steps: bool = False
     accepts_sparse: bool = False
     per_tensor: bool = False
+    scale: Callable[..., Tensor] | None = None
 
 
 def check_hyperparameter(owner: str, spec: Hyperparameter, value: Any, *, read_tensors: bool = True) -> None:
