@@ -103,6 +103,7 @@ class FlatBucket:
         parallel_elements: int,
     ) -> None:
         self.params = list(params)
+        self.device = device
         self.spans: list[Span] = []
         total = 0
         for param in self.params:

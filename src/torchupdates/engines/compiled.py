@@ -39,6 +39,7 @@ from torch import Tensor
 from ..formula import ELEMENTWISE, PROBE_SCALAR, Graph, Node, ScalarKind, Symbol, probe_operands, scalar_kind
 from ._chain import Batch, Slot, Stage, fits, pairs_for_slot, run_chain
 from ._flat import PLAIN_TENSORS, FlatBucket, local, real
+from ._vector_isa import remembered_vector_isa_options
 from .reference import propose_reference
 
 __all__ = ["CompiledEngine", "CompilerMissingError", "require_compiler"]
@@ -87,18 +88,22 @@ def _cpp_compiler(search: tuple[str | None, ...]) -> str | None:
         return None
 
 
+def _configured_compiler() -> str | None:
+    """The C++ compiler Inductor finds with its current ``cpp.cxx`` setting, or None."""
+    from torch._inductor import config
+
+    cxx = config.cpp.cxx
+    return _cpp_compiler(tuple(cxx) if isinstance(cxx, (list, tuple)) else (cxx,))
+
+
 def require_compiler(device_types: set[str]) -> None:
     """Raise :class:`CompilerMissingError`, naming the fix, unless kernels can be compiled
     for every device type given."""
-    if "cpu" in device_types:
-        from torch._inductor import config
-
-        cxx = config.cpp.cxx
-        if _cpp_compiler(tuple(cxx) if isinstance(cxx, (list, tuple)) else (cxx,)) is None:
-            raise CompilerMissingError(
-                'engine="compiled" needs a C++ compiler for CPU tensors and torch.compile found none. '
-                'Install one (e.g. g++: "apt-get install g++"), or use engine="foreach" (no compiler needed).'
-            )
+    if "cpu" in device_types and _configured_compiler() is None:
+        raise CompilerMissingError(
+            'engine="compiled" needs a C++ compiler for CPU tensors and torch.compile found none. '
+            'Install one (e.g. g++: "apt-get install g++"), or use engine="foreach" (no compiler needed).'
+        )
     if device_types - {"cpu"}:
         from torch.utils._triton import has_triton
 
@@ -203,7 +208,7 @@ class _Program:
 
 
 @functools.cache
-def _compiled(source: str, parallel: bool) -> Callable[..., Any]:
+def _compiled(source: str, parallel: bool, device_type: str) -> Callable[..., Any]:
     """Compile a kernel's source once per process (Inductor caches its code on disk too)."""
     # The kernel calls each operation as ``op_<name>``: the one table of what a recorded
     # operation computes (``formula.ELEMENTWISE``).
@@ -214,15 +219,22 @@ def _compiled(source: str, parallel: bool) -> Callable[..., Any]:
     # every such function shares, so all kernels would count against one recompile limit.
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     exec(compile(source, filename, "exec"), namespace)
-    return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=_compile_options(parallel))
+    options = _compile_options(parallel, device_type)
+    return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=options)
 
 
-def _compile_options(parallel: bool) -> dict[str, str | int | bool | Callable[..., Any]]:
+def _kernel(source: str, bucket: FlatBucket) -> Callable[..., Any]:
+    """The compiled kernel of ``source`` for the bucket's device and length."""
+    return _compiled(source, bucket.parallel, bucket.device.type)
+
+
+def _compile_options(parallel: bool, device_type: str) -> dict[str, str | int | bool | Callable[..., Any]]:
     from torch._inductor import config
 
     numerics = getattr(config, "eager_numerics", None)
     exact = {f"eager_numerics.{name}": True for name in _EAGER_NUMERICS if hasattr(numerics, name)}
-    return {**_COMPILE_OPTIONS, **exact, **_THREADS[parallel]}
+    isa = remembered_vector_isa_options(_configured_compiler()) if device_type == "cpu" else {}
+    return {**_COMPILE_OPTIONS, **exact, **_THREADS[parallel], **isa}
 
 
 def _batch_key(slot: Slot) -> tuple[Any, ...]:
@@ -471,7 +483,7 @@ class CompiledEngine:
             steps = run.steps(stages)
             first = replace(run.first, steps=steps)
             program = self._record(stages, hyperparameters[first.group], first, run.bucket)
-            _compiled(program.source(True), run.bucket.parallel)(*run.bucket.buffers.values(), *program.coefficients)
+            _kernel(program.source(True), run.bucket)(*run.bucket.buffers.values(), *program.coefficients)
             for key, t in zip((s.step_key for s in stages), steps, strict=True):
                 if key is not None and t is not None:
                     run.bucket.counters[key].fill_(t)
@@ -522,7 +534,7 @@ class CompiledEngine:
         bucket.gather("grad", [s.grad for s in members])
         for key in members[0].state:
             bucket.gather(key, [s.state[key] for s in members])
-        kernel = _compiled(program.source(False), bucket.parallel)
+        kernel = _kernel(program.source(False), bucket)
         results = dict(zip(program.results, kernel(*bucket.buffers.values(), *program.coefficients), strict=True))
         pairs = []
         for i, slot in enumerate(members):
@@ -540,7 +552,7 @@ class CompiledEngine:
         moved_grads = bucket.gather("grad", [s.grad for s in members])
         adopted = True
         with torch.no_grad():
-            _compiled(program.source(True), bucket.parallel)(*bucket.buffers.values(), *program.coefficients)
+            _kernel(program.source(True), bucket)(*bucket.buffers.values(), *program.coefficients)
             for role, indices in moved.items():
                 for i in indices:
                     target = targets[role][i]
