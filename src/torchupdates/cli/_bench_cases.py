@@ -135,15 +135,39 @@ def _norm_constrained_adam(params: list[torch.Tensor], engine: str) -> Optimizer
     return apply_norm_constraint(RULES["adam"].factory(params, engine=engine), 1.0, params=weights or None)
 
 
+class _ClippedTorchAdam(torch.optim.Adam):
+    """torch's way to Adam with ``max_grad_norm=1``: ``clip_grad_norm_``, then the step."""
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        return super().step(closure)
+
+
+class _RenormedTorchAdam(torch.optim.Adam):
+    """torch's way to Adam with a max-norm of 1 on each weight's rows (``norm_constraint``'s
+    default axes): the step, then ``renorm_`` of every 2-D to 5-D parameter."""
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = super().step(closure)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if 2 <= param.dim() <= 5:
+                        param.renorm_(2, 0, 1.0)
+        return loss
+
+
 _ADAM_MOVED = _moved(RULES["adam"])
 
 STEP_OPTIONS: tuple[Case, ...] = (
-    Case("adam[max_grad_norm]", _ADAM_MOVED, _adam_with(max_grad_norm=1.0)),
+    Case("adam[max_grad_norm]", _ADAM_MOVED, _adam_with(max_grad_norm=1.0), _ClippedTorchAdam, True),
     Case("adam[skip_nonfinite]", _ADAM_MOVED, _adam_with(skip_nonfinite=True)),
-    Case("apply_norm_constraint(adam)", _ADAM_MOVED, _norm_constrained_adam),
+    Case("apply_norm_constraint(adam)", _ADAM_MOVED, _norm_constrained_adam, _RenormedTorchAdam, True),
 )
 """Adam with each option of the step: what clipping, the non-finite check and the norm
-constraint cost, read against plain adam's GB/s (the bytes counted are Adam's)."""
+constraint cost, read against plain adam's GB/s (the bytes counted are Adam's), and beside
+torch's own way to the same step where it has one (``clip_grad_norm_``, ``renorm_``)."""
 
 CASES: dict[str, Case] = {case.rule: case for case in (*_RULES, *COMPOSITIONS, *STEP_OPTIONS)}
 """The benchmarked rules and compositions, by name."""
