@@ -104,7 +104,11 @@ def step_again(opt: Optimizer) -> bool:
     stepped (or skipped the step: ``skip_nonfinite``); False leaves everything as it was."""
     engine = opt._engine_runner()
     final = opt._stages[-1] if ends_per_tensor(opt._stages) else None
-    if not isinstance(engine, CompiledEngine) or (final is None and any(map(is_per_tensor, opt._stages))):
+    if (
+        not isinstance(engine, CompiledEngine)
+        or (final is None and any(map(is_per_tensor, opt._stages)))
+        or not opt.param_groups
+    ):
         return False
     live, live_grads = zip(*map(_with_gradients, opt.param_groups), strict=True)
     plan = engine.prepare_repeat(live, live_grads, opt.state)
