@@ -20,7 +20,7 @@ import torch
 import torchupdates
 from torchupdates.engines import _cpu
 from torchupdates.engines import foreach as foreach_engine
-from torchupdates.engines._program import compile_program
+from torchupdates.engines._program import Program, compile_program
 from torchupdates.formula import ELEMENTWISE, FOREACH, Graph, Node
 from torchupdates.optimizer import Optimizer
 from torchupdates.transform import NON_NEGATIVE, Hyperparameter, Transform
@@ -450,6 +450,21 @@ def test_programs_reuse_registers() -> None:
     copies = [line for line in program.source.splitlines() if ".copy_(" in line and "sqrt(w" not in line]
     assert not copies, program.source  # no register copies
     assert program.outputs == (0, 2, 3)
+
+
+def test_a_program_serves_every_recording_of_the_same_wiring() -> None:
+    # Each step records its chain with that step's scalars; the program is generated once.
+    def program(learning_rate: float) -> Program:
+        graph = Graph()
+        param, grad = graph.leaf("param"), graph.leaf("grad")
+        return compile_program(graph, [param, grad], [True, False], [(param - learning_rate * grad, 0)], "native")
+
+    first, later = program(0.5), program(0.25)
+    assert later.run is first.run is program(2.0).run
+    assert (first.constants, later.constants) == ((0.5,), (0.25,))
+    param, grad = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0])
+    later.run(param, grad, torch.empty(2), *later.constants)
+    assert param.tolist() == [0.0, 0.0]  # the later step's learning rate, not the first's
 
 
 def test_program_refuses_outputs_into_read_only_leaves() -> None:

@@ -40,6 +40,31 @@ def test_nodes_record_operations_in_order_with_names() -> None:
     assert repr(graph).splitlines()[-2:] == ["%3 = sub(%0, %2)", "param = %3"]
 
 
+def _sgd_momentum(learning_rate: object, momentum: object) -> Graph:
+    graph = Graph()
+    p, g, v = graph.leaf("param"), graph.leaf("grad"), graph.leaf("velocity")
+    x = momentum * v + (p - learning_rate * g)
+    graph.output("param", x)
+    graph.output("velocity", x - p)
+    return graph
+
+
+def test_wiring_is_the_recording_without_its_scalar_values() -> None:
+    # Engines generate code once per wiring and pass each step's scalars to it.
+    first, later = _sgd_momentum(0.1, 0.9), _sgd_momentum(0.05, torch.tensor(0.9))
+    assert first.scalars() == (0.9, 0.1)  # node by node: momentum * v first
+    assert float(later.scalars()[0]) == pytest.approx(0.9) and later.scalars()[1] == 0.05
+    assert _sgd_momentum(0.2, 0.5).wiring() == first.wiring()
+    assert later.wiring() != first.wiring()  # a 0-d tensor is another kind of scalar than a number
+    assert _sgd_momentum(0.05, torch.tensor(0.5)).wiring() == later.wiring()
+    swapped = Graph()
+    p, g, v = swapped.leaf("param"), swapped.leaf("grad"), swapped.leaf("velocity")
+    x = 0.9 * v + (p - 0.1 * g)
+    swapped.output("param", x)
+    swapped.output("velocity", p - x)  # another operation order
+    assert swapped.scalars() == first.scalars() and swapped.wiring() != first.wiring()
+
+
 def test_exact_rewrites() -> None:
     graph = Graph()
     x = graph.leaf("x")

@@ -3,7 +3,8 @@
 The foreach engine on CPU records a batch's formulas once (:class:`~torchupdates.formula.Graph`)
 and runs the record over many chunks of a few hundred thousand elements, each small enough
 that its operands stay in cache. :func:`compile_program` turns the record into a Python
-function of *registers*: equally long 1-D tensors, one per leaf (the parameter, the gradient,
+function of *registers* (once per wiring of the record: later steps reuse it with their own
+scalars): equally long 1-D tensors, one per leaf (the parameter, the gradient,
 each state entry) and a few scratch buffers. Every operation writes its result with ``out=``
 into a register whose value is no longer read, so a chunk allocates nothing:
 
@@ -28,8 +29,8 @@ from __future__ import annotations
 import functools
 import keyword
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -81,7 +82,27 @@ def compile_program(
         raise ValueError(f"sqrt must be one of {SQRT_MODES}, got {sqrt!r}")
     if sqrt == "numpy" and numpy_sqrt() is None:
         raise ValueError("NumPy's square root is not available or not exact here")
-    return _Allocator(graph, leaves, writable, outputs, sqrt).program()
+    # A step records its chain again with this step's scalars (a learning rate, a bias
+    # correction): the same program serves every step, with the new scalars as its constants.
+    key = (
+        graph.wiring(),
+        tuple(leaf.node.index for leaf in leaves),
+        tuple(writable),
+        tuple((value.node.index, position) for value, position in outputs),
+        sqrt,
+    )
+    program = _PROGRAMS.get(key)
+    if program is None:
+        program = _Allocator(graph, leaves, writable, outputs, sqrt).program()
+        if len(_PROGRAMS) >= _KEPT_PROGRAMS:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[key] = program
+    return replace(program, constants=graph.scalars())
+
+
+_KEPT_PROGRAMS = 256
+_PROGRAMS: dict[Hashable, Program] = {}
+"""Programs by the wiring of their recording, oldest first (at most :data:`_KEPT_PROGRAMS`)."""
 
 
 class _Allocator:
@@ -111,7 +132,8 @@ class _Allocator:
         self.reg_of: dict[int, int] = {leaf.index: i for i, leaf in enumerate(self.leaves)}
         self.holds: list[int | None] = [leaf.index for leaf in self.leaves]  # node held by each register
         self.lines: list[str] = []
-        self.constants: list[Scalar] = []
+        self.scalars = graph.scalars()  # operands c0, c1, ... in the order _operand meets them
+        self.scalars_named = 0
         # A leaf's register is called by the leaf's name where that is a plain identifier
         # taken by nothing else in the program; scratch registers are r<position>.
         reserved = {*ELEMENTWISE, "sqrt", "npsqrt", "program", "w"}
@@ -173,8 +195,8 @@ class _Allocator:
     def _operand(self, arg: Node | Scalar) -> str:
         if isinstance(arg, Node):
             return self._name(self.reg_of[arg.index])
-        self.constants.append(arg)
-        return f"c{len(self.constants) - 1}"
+        self.scalars_named += 1
+        return f"c{self.scalars_named - 1}"
 
     def _emit(self, node: Node) -> None:
         operands = [self._operand(arg) for arg in node.args]
@@ -201,7 +223,7 @@ class _Allocator:
         scratch = len(self.holds) - len(self.leaves)
         wide = self.sqrt != "native" and any(node.op == "sqrt" for node in self.nodes)
         names = [self._name(i) for i in range(len(self.holds))] + (["w"] if wide else [])
-        names += [f"c{i}" for i in range(len(self.constants))]
+        names += [f"c{i}" for i in range(len(self.scalars))]
         body = [f"    {line}" for line in self.lines] or ["    pass"]
         source = "\n".join([f"def program({', '.join(names)}):", *body]) + "\n"
         reads = tuple(i for i, leaf in enumerate(self.leaves) if self.last_read[leaf.index] >= 0)
@@ -210,7 +232,7 @@ class _Allocator:
             scratch=scratch,
             wide=wide,
             numpy=wide and self.sqrt == "numpy",
-            constants=tuple(self.constants),
+            constants=self.scalars,
             outputs=tuple(sorted(self.output_of)),
             reads=reads,
             source=source,

@@ -2,7 +2,8 @@
 
 A step records the chain's formulas once more on symbolic operands (the same recording the
 foreach engine runs), and turns the record into a small Python function of plain torch
-operations: ``kernel(param, grad, *state, *coefficients)``. ``torch.compile`` (Inductor)
+operations: ``kernel(param, grad, *state, *coefficients)``, generated once per wiring of the
+record (:meth:`~torchupdates.formula.Graph.wiring`) and reused by later steps. ``torch.compile`` (Inductor)
 fuses it into one loop that reads each element of the parameters, gradients and state once
 and writes the parameters and state once: the memory traffic a step cannot avoid. The
 kernel runs over :class:`~torchupdates.engines._flat.FlatBucket` buffers, so one call
@@ -141,61 +142,15 @@ def _eager_rounds_scalar(op: str, dtype: torch.dtype, device: torch.device, kind
     return torch.equal(ELEMENTWISE[op](tensor, scalar), rounded)
 
 
+@dataclass(frozen=True)
 class _Program:
     """One step's formulas as kernel source, and the coefficients to call it with."""
 
-    def __init__(
-        self,
-        graph: Graph,
-        leaves: dict[str, Symbol],
-        outputs: dict[str, Symbol],
-        dtypes: dict[str, torch.dtype],
-        work_dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        names: dict[int, str] = {}
-        self.coefficients: list[Tensor] = []
-        body: list[str] = []
-        for role, leaf in leaves.items():
-            cast_to = "" if dtypes[role] == work_dtype else f".to({work_dtype})"
-            names[leaf.node.index] = f"w_{role}"
-            body.append(f"    w_{role} = {role}{cast_to}")
-        # A result is called new_<role> (the first role it is named for), unless that name is taken.
-        for role, value in outputs.items():
-            graph.output(role, value)
-        taken = {*leaves, *names.values()}
-        result_names: dict[int, str] = {}
-        for role, result in graph.outputs.items():
-            if result.index not in names and result.index not in result_names and f"new_{role}" not in taken:
-                result_names[result.index] = f"new_{role}"
-        for node in graph.nodes:
-            if node.op == "leaf":
-                continue
-            args = []
-            for arg in node.args:
-                if isinstance(arg, Node):
-                    args.append(names[arg.index])
-                    continue
-                name = f"c{len(self.coefficients)}"
-                self.coefficients.append(_coefficient(arg, device))
-                if work_dtype in _OPMATH_FLOAT32 and _eager_rounds_scalar(
-                    node.op, work_dtype, device, scalar_kind(arg)
-                ):
-                    name = _rounded(name, work_dtype)
-                args.append(name)
-            names[node.index] = result_names.get(node.index, f"v{node.index}")
-            if work_dtype in _OPMATH_FLOAT32:
-                # Eager torch computes a 16-bit operation in float32 and rounds its result
-                # once: the same here, so that fused operations still round one by one.
-                call = _rounded(f"op_{node.op}({', '.join(f'{a}.float()' for a in args)})", work_dtype)
-            else:
-                call = f"op_{node.op}({', '.join(args)})"
-            body.append(f"    {names[node.index]} = {call}")
-        inputs = [*leaves, *(f"c{k}" for k in range(len(self.coefficients)))]
-        self.results = {role: names[node.index] for role, node in graph.outputs.items()}
-        self.dtypes = dtypes
-        self.header = f"def kernel({', '.join(inputs)}):"
-        self.body = body
+    header: str
+    body: tuple[str, ...]
+    results: dict[str, str]  # role -> the name of its new value in the source
+    dtypes: dict[str, torch.dtype]  # role -> its buffer's dtype
+    coefficients: tuple[Tensor, ...]
 
     def source(self, write: bool) -> str:
         """The kernel: it writes results into its inputs (``write``) or returns them."""
@@ -205,6 +160,83 @@ class _Program:
             values = [f"{name}.to({self.dtypes[role]})" for role, name in self.results.items()]
             tail = [f"    return ({', '.join(values)},)"]
         return "\n".join([self.header, *self.body, *tail]) + "\n"
+
+
+def _program(
+    graph: Graph,
+    leaves: dict[str, Symbol],
+    outputs: dict[str, Symbol],
+    dtypes: dict[str, torch.dtype],
+    work_dtype: torch.dtype,
+    device: torch.device,
+) -> _Program:
+    """The kernel program of a recorded chain. A step records its chain again with this
+    step's scalars (a learning rate, a bias correction): the source is generated once per
+    wiring of the recording, and only the coefficients are new."""
+    for role, value in outputs.items():
+        graph.output(role, value)
+    leaf_nodes = tuple(leaf.node.index for leaf in leaves.values())
+    key = (graph.wiring(), leaf_nodes, tuple(dtypes.items()), work_dtype, device)
+    template = _SOURCES.get(key)
+    if template is None:
+        template = _generate(graph, leaves, dtypes, work_dtype, device)
+        if len(_SOURCES) >= _KEPT_SOURCES:
+            _SOURCES.pop(next(iter(_SOURCES)))
+        _SOURCES[key] = template
+    return replace(template, coefficients=tuple(_coefficient(value, device) for value in graph.scalars()))
+
+
+_KEPT_SOURCES = 256
+_SOURCES: dict[Hashable, _Program] = {}
+"""Generated programs (their coefficients those of the first step) by wiring, oldest first."""
+
+
+def _generate(
+    graph: Graph,
+    leaves: dict[str, Symbol],
+    dtypes: dict[str, torch.dtype],
+    work_dtype: torch.dtype,
+    device: torch.device,
+) -> _Program:
+    """Print the recording (its results named already) as the body of a kernel whose inputs
+    are the leaves, then the scalars in :meth:`Graph.scalars` order (``c0``, ``c1``, ...)."""
+    names: dict[int, str] = {}
+    body: list[str] = []
+    for role, leaf in leaves.items():
+        cast_to = "" if dtypes[role] == work_dtype else f".to({work_dtype})"
+        names[leaf.node.index] = f"w_{role}"
+        body.append(f"    w_{role} = {role}{cast_to}")
+    # A result is called new_<role> (the first role it is named for), unless that name is taken.
+    taken = {*leaves, *names.values()}
+    result_names: dict[int, str] = {}
+    for role, result in graph.outputs.items():
+        if result.index not in names and result.index not in result_names and f"new_{role}" not in taken:
+            result_names[result.index] = f"new_{role}"
+    scalars = 0
+    for node in graph.nodes:
+        if node.op == "leaf":
+            continue
+        args = []
+        for arg in node.args:
+            if isinstance(arg, Node):
+                args.append(names[arg.index])
+                continue
+            name = f"c{scalars}"
+            scalars += 1
+            if work_dtype in _OPMATH_FLOAT32 and _eager_rounds_scalar(node.op, work_dtype, device, scalar_kind(arg)):
+                name = _rounded(name, work_dtype)
+            args.append(name)
+        names[node.index] = result_names.get(node.index, f"v{node.index}")
+        if work_dtype in _OPMATH_FLOAT32:
+            # Eager torch computes a 16-bit operation in float32 and rounds its result
+            # once: the same here, so that fused operations still round one by one.
+            call = _rounded(f"op_{node.op}({', '.join(f'{a}.float()' for a in args)})", work_dtype)
+        else:
+            call = f"op_{node.op}({', '.join(args)})"
+        body.append(f"    {names[node.index]} = {call}")
+    inputs = [*leaves, *(f"c{k}" for k in range(scalars))]
+    results = {role: names[node.index] for role, node in graph.outputs.items()}
+    return _Program(f"def kernel({', '.join(inputs)}):", tuple(body), results, dtypes, ())
 
 
 @functools.cache
@@ -523,7 +555,7 @@ class CompiledEngine:
         outputs = {"param": cast(Symbol, proposal), **cast("dict[str, Symbol]", new_state)}
         dtypes = {role: buffer.dtype for role, buffer in bucket.buffers.items()}
         device = bucket.buffers["param"].device
-        return _Program(graph, leaves, outputs, dtypes, first.work_dtype, device)
+        return _program(graph, leaves, outputs, dtypes, first.work_dtype, device)
 
     @staticmethod
     def _propose(

@@ -9,11 +9,14 @@ for at run time is the engine's business.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from numbers import Real
 from typing import TypeGuard
 
 from torch import Tensor
+
+from ._ops import scalar_kind
 
 Scalar = float | int | Tensor
 """A hyperparameter or coefficient: a Python number or a 0-d tensor."""
@@ -55,6 +58,11 @@ class Node:
         return f"%{self.index} = {self.op}({operands})"
 
 
+def _operand_wiring(arg: Node | Scalar) -> Hashable:
+    """An operand's place in a graph's wiring: its node's index, or its scalar's kind."""
+    return arg.index if isinstance(arg, Node) else (scalar_kind(arg),)
+
+
 class Graph:
     """The operations of one recording, in the order they were written.
 
@@ -89,6 +97,18 @@ class Graph:
                 if isinstance(arg, Node):
                     last[arg.index] = node.index
         return last
+
+    def wiring(self) -> tuple[Hashable, ...]:
+        """The recording without its scalars' values: each node's operation, name, and which
+        node or kind of scalar (:func:`scalar_kind`) each operand is, plus the named results.
+        Two recordings with equal wiring differ at most in the values of :meth:`scalars`, so
+        code generated from one serves the other."""
+        nodes = tuple((node.op, node.name, tuple(_operand_wiring(arg) for arg in node.args)) for node in self.nodes)
+        return nodes, tuple((name, node.index) for name, node in self.outputs.items())
+
+    def scalars(self) -> tuple[Scalar, ...]:
+        """Every scalar operand, node by node and operand by operand."""
+        return tuple(arg for node in self.nodes for arg in node.args if not isinstance(arg, Node))
 
     def output(self, name: str, value: Symbol) -> Node:
         """Name ``value`` a result of the recording (``"param"``, a state key) and return its node."""
