@@ -194,23 +194,23 @@ def run_scaling(
     pairs: Sequence[ScalingPair] | None = None,
 ) -> ScalingReport:
     """Step every implementation on every layout of ``pairs`` (default: :data:`SCALING`),
-    interleaved as in the main table, and report the median step times and each pair's
+    all of them interleaved in one set of rounds (so that the machine's drift hits the few
+    and the many tensors of a pair alike), and report the median step times and each pair's
     ratio ``many / few``."""
     pairs = SCALING if pairs is None else pairs
     report = ScalingReport()
-    seconds: dict[tuple[int, int], dict[str, float]] = {}
-    for pair in pairs:
-        for tensors, size in (pair.few, pair.many):
-            key = (tensors, numel if size is None else size)
-            if key in seconds:
-                continue
-            params = make_params(Workload.equal(key[1], tensors).shapes, dtype, device)
-            steppers = {label: build(params).step for label, build in implementations.items()}
-            seconds[key] = interleaved_medians(steppers, repeat, warmup, device)
-            report.layouts.append(
-                {"tensors": key[0], "numel": key[1], "label": _layout_label(*key), "seconds": seconds[key]}
-            )
-            del steppers, params
+    wanted = ((tensors, numel if size is None else size) for pair in pairs for tensors, size in (pair.few, pair.many))
+    keys = list(dict.fromkeys(wanted))
+    steppers: dict[str, Callable[[], object]] = {}
+    for key in keys:
+        params = make_params(Workload.equal(key[1], key[0]).shapes, dtype, device)
+        steppers.update({f"{label} @ {key}": build(params).step for label, build in implementations.items()})
+    medians = interleaved_medians(steppers, repeat, warmup, device)
+    del steppers
+    seconds = {key: {label: medians[f"{label} @ {key}"] for label in implementations} for key in keys}
+    for key in keys:
+        label = _layout_label(*key)
+        report.layouts.append({"tensors": key[0], "numel": key[1], "label": label, "seconds": seconds[key]})
     for pair in pairs:
         few = (pair.few[0], numel if pair.few[1] is None else pair.few[1])
         many = (pair.many[0], numel if pair.many[1] is None else pair.many[1])
