@@ -3,11 +3,12 @@
 A step records the chain's formulas once more on symbolic operands (the same recording the
 foreach engine runs), and turns the record into a small Python function of plain torch
 operations: ``kernel(param, grad, *state, *coefficients)``, generated once per wiring of the
-record (:meth:`~torchupdates.formula.Graph.wiring`) and reused by later steps. ``torch.compile`` (Inductor)
-fuses it into one loop that reads each element of the parameters, gradients and state once
-and writes the parameters and state once: the memory traffic a step cannot avoid. The
-kernel runs over :class:`~torchupdates.engines._flat.FlatBucket` buffers, so one call
-updates every tensor of a batch however many there are.
+record (:meth:`~torchupdates.formula.Graph.wiring`) and reused by later steps.
+``torch.compile`` (Inductor) fuses it into one loop that reads each element of the
+parameters, gradients and state once and writes the parameters and state once: the memory
+traffic a step cannot avoid. The kernel runs over
+:class:`~torchupdates.engines._flat.FlatBucket` buffers, so one call updates every tensor of
+a batch however many there are.
 
 Coefficients (the learning rate, ``1 - rho``, Adam's bias correction at step ``t``, ...) are
 computed in Python exactly as on the eager engines and passed as 0-d tensors: a new value
