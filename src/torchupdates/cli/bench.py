@@ -33,7 +33,7 @@ from ._report import write_json
 __all__ = ["CASES", "COMMAND", "BenchReport", "BenchResult", "Ceiling", "format_report", "run_bench"]
 
 COMPILED_WARMUP = 3  # warm-up steps at least, for the compiled engine: compilation is never timed
-_YARDSTICK = "fused Adam, the yardstick"  # stepped in every rule's rounds; adam's own "torch fused" serves in its
+_YARDSTICK = "fused Adam, the yardstick"  # stepped in every row's rounds (in adam's, its "torch fused")
 
 
 def _load() -> list[float]:
