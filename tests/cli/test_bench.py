@@ -251,3 +251,14 @@ def test_bad_options_exit_2_with_a_message(
 ) -> None:
     assert main(["bench", *QUICK, *options]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_case_the_workload_cannot_take_is_one_note_naming_why() -> None:
+    # Vectors only: nothing for a max-norm constraint on weights, on any implementation.
+    vectors = Workload.equal(1000, 4)
+    report = run_bench(["apply_norm_constraint(adam)"], ["foreach"], vectors, 1, torch.float32, warmup=1)
+    (result,) = report.results
+    assert result.gb_per_s == {}
+    (note,) = [line for line in report.notes if "not measured" in line]
+    assert "torch single, torch foreach, torch fused, foreach" in note
+    assert "no 2-D to 5-D parameters" in note

@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -130,9 +131,16 @@ def _adam_with(**options: object) -> Callable[[list[torch.Tensor], str], Optimiz
     return build
 
 
-def _norm_constrained_adam(params: list[torch.Tensor], engine: str) -> Optimizer:
+def _constrained_weights(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters a max-norm constraint takes by default: those of 2 to 5 dimensions."""
     weights = [p for p in params if 2 <= p.dim() <= 5]
-    return apply_norm_constraint(RULES["adam"].factory(params, engine=engine), 1.0, params=weights or None)
+    if not weights:
+        raise ValueError("the workload has no 2-D to 5-D parameters to constrain (try --shapes issue)")
+    return weights
+
+
+def _norm_constrained_adam(params: list[torch.Tensor], engine: str) -> Optimizer:
+    return apply_norm_constraint(RULES["adam"].factory(params, engine=engine), 1.0, params=_constrained_weights(params))
 
 
 class _ClippedTorchAdam(torch.optim.Adam):
@@ -148,13 +156,15 @@ class _RenormedTorchAdam(torch.optim.Adam):
     """torch's way to Adam with a max-norm of 1 on each weight's rows (``norm_constraint``'s
     default axes): the step, then ``renorm_`` of every 2-D to 5-D parameter."""
 
+    def __init__(self, params: list[torch.Tensor], **options: Any) -> None:
+        super().__init__(params, **options)
+        self.weights = _constrained_weights(params)
+
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = super().step(closure)
         with torch.no_grad():
-            for group in self.param_groups:
-                for param in group["params"]:
-                    if 2 <= param.dim() <= 5:
-                        param.renorm_(2, 0, 1.0)
+            for weight in self.weights:
+                weight.renorm_(2, 0, 1.0)
         return loss
 
 

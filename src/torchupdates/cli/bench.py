@@ -111,14 +111,16 @@ def _measure(
     optimizers: dict[str, torch.optim.Optimizer] = {}
     if case.rule != "adam" or "torch fused" not in builders:
         builders = {**builders, _YARDSTICK: lambda p: torch.optim.Adam(p, fused=True)}
+    failed: dict[str, list[str]] = {}  # why -> the implementations it stopped
     for label, build in builders.items():
         try:
             optimizer = build(params)
             optimizer.step()  # the first warm-up step; the compiled engine compiles here
         except Exception as error:  # e.g. no fused kernel for this device or dtype
-            notes.append(f"{case.rule} with {label}: not measured ({_first_line(error)})")
+            failed.setdefault(_first_line(error), []).append(label)
             continue
         optimizers[label] = optimizer
+    notes += [f"{case.rule} with {', '.join(labels)}: not measured ({why})" for why, labels in failed.items()]
     steppers: dict[str, Callable[[], object]] = {label: opt.step for label, opt in optimizers.items()}
     if ceiling is not None:
         steppers["ceiling"] = ceiling[1]
