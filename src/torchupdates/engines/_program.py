@@ -95,14 +95,14 @@ def compile_program(
     if program is None:
         program = _Allocator(graph, leaves, writable, outputs, sqrt).program()
         if len(_PROGRAMS) >= _KEPT_PROGRAMS:
-            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+            _PROGRAMS.clear()  # one atomic step, whatever other threads do meanwhile
         _PROGRAMS[key] = program
     return replace(program, constants=graph.scalars())
 
 
 _KEPT_PROGRAMS = 256
 _PROGRAMS: dict[Hashable, Program] = {}
-"""Programs by the wiring of their recording, oldest first (at most :data:`_KEPT_PROGRAMS`)."""
+"""Programs by the wiring of their recording (at most :data:`_KEPT_PROGRAMS`, then emptied)."""
 
 
 class _Allocator:

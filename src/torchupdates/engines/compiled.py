@@ -182,14 +182,15 @@ def _program(
     if template is None:
         template = _generate(graph, leaves, dtypes, work_dtype, device)
         if len(_SOURCES) >= _KEPT_SOURCES:
-            _SOURCES.pop(next(iter(_SOURCES)))
+            _SOURCES.clear()  # one atomic step, whatever other threads do meanwhile
         _SOURCES[key] = template
     return replace(template, coefficients=tuple(_coefficient(value, device) for value in graph.scalars()))
 
 
 _KEPT_SOURCES = 256
 _SOURCES: dict[Hashable, _Program] = {}
-"""Generated programs (their coefficients those of the first step) by wiring, oldest first."""
+"""Generated programs (their coefficients those of the first step) by wiring (at most
+:data:`_KEPT_SOURCES`, then emptied)."""
 
 
 def _generate(
