@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -198,6 +199,32 @@ def test_no_recompilation_when_hyperparameters_change() -> None:
     assert counters["stats"]["unique_graphs"] == graphs
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, params, strict=True))
+
+
+def test_equal_and_recurring_coefficients_neither_recompile_nor_mix_up() -> None:
+    # Coefficient tensors are reused from step to step; equal values at different places of
+    # one call must stay different tensors, or torch.compile would guard on the aliasing.
+    params, twins = make_params()[:3], make_params()[:3]
+    compiled = torchupdates.rmsprop(params, 0.5, rho=0.5, engine="compiled")
+    eager = torchupdates.rmsprop(twins, 0.5, rho=0.5)
+    settings = [(0.5, 0.5), (0.25, 0.75), (0.5, 0.5), (0.25, 0.75)]  # lr, rho: 1 - rho == lr
+    for k, (lr, rho) in enumerate(settings):
+        for opt in (compiled, eager):
+            opt.param_groups[0].update(lr=lr, rho=rho)
+        grads = gradients(params, k)
+        eager.step(grads)
+        with torch._dynamo.config.patch(error_on_recompile=k > 0):
+            compiled.step(grads)
+        assert_same(compiled, params, eager, twins)
+
+
+def test_coefficient_tensors_keep_the_sign_of_zero() -> None:
+    from torchupdates.engines.compiled import _coefficients
+
+    # Each place sees both zeros in turn: 0.0 == -0.0, yet they multiply differently.
+    for values in ([0.0, -0.0, 1.5], [-0.0, 0.0, 1.5], [0.0, -0.0, -1.5]):
+        coefficients = _coefficients(values, torch.device("cpu"))
+        assert [math.copysign(1.0, float(c)) for c in coefficients] == [math.copysign(1.0, v) for v in values]
 
 
 def test_missing_compiler_is_a_clear_error_before_any_step() -> None:

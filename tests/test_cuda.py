@@ -134,3 +134,22 @@ def test_torch_compile_of_a_training_step(engine: str) -> None:
     eager, traced = (compiled_step_trajectory(engine, compiled) for compiled in (False, True))
     for want, got in zip(eager, traced, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_compiled_steps_copy_nothing_to_the_gpu() -> None:
+    # A step's coefficients (learning rate, bias correction, ...) reach the kernel as
+    # arguments: a host-to-device copy per step would also make the host wait for the GPU.
+    params = [torch.randn(300, 300, device="cuda", requires_grad=True) for _ in range(3)]
+    opt = torchupdates.apply_momentum(torchupdates.adam(params, 0.01, engine="compiled"))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for _ in range(3):
+        opt.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(3):
+            opt.step()
+        torch.cuda.synchronize()
+    names = [event.name for event in profile.events()]
+    assert any("triton" in name for name in names), names
+    assert not [name for name in names if "HtoD" in name], names

@@ -30,7 +30,7 @@ import operator
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import chain
 from numbers import Real
 from typing import Any, cast
@@ -116,13 +116,47 @@ def require_compiler(device_types: set[str]) -> None:
             )
 
 
-def _coefficient(value: object, device: torch.device) -> Tensor:
-    """A kernel input for a scalar operand: a Python number becomes a 0-d float64 tensor,
-    which the kernel rounds to the working dtype exactly as eager torch rounds the number."""
-    if isinstance(value, Tensor):
-        return value if value.device == device or device.type == "cpu" else value.to(device)
-    assert isinstance(value, Real)
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
+def _coefficients(values: Sequence[object], device: torch.device) -> tuple[Tensor, ...]:
+    """The kernel inputs for a recording's scalar operands, in order.
+
+    A Python number becomes a 0-d float64 tensor on the CPU, which the kernel rounds to the
+    working dtype exactly as eager torch rounds the number; on CUDA, Inductor passes such a
+    tensor to the kernel as an argument, where a tensor on the GPU would cost a copy to it
+    (and a wait for the GPU) every step. Numbers recur from step to step (a learning rate,
+    ``1 - rho``), so their tensors are kept and reused, one per position: one call never
+    gets the same tensor twice, which torch.compile would guard on."""
+    return tuple(
+        _number_tensor(position, value)
+        if type(value) is float
+        else _tensor_coefficient(value, device)
+        if isinstance(value, Tensor)
+        else _number_tensor(position, float(cast(Real, value)))
+        for position, value in enumerate(values)
+    )
+
+
+def _number_tensor(position: int, value: float) -> Tensor:
+    key = (position, value)
+    # 0.0 equals -0.0 and NaN equals nothing: their tensors are made afresh.
+    tensor = _NUMBERS.get(key) if value and value == value else None
+    if tensor is None:
+        tensor = torch.tensor(value, dtype=torch.float64)
+        if value and value == value:
+            if len(_NUMBERS) >= _KEPT_NUMBERS:
+                _NUMBERS.clear()  # one atomic step, whatever other threads do meanwhile
+            _NUMBERS[key] = tensor
+    return tensor
+
+
+_KEPT_NUMBERS = 4096
+_NUMBERS: dict[tuple[int, float], Tensor] = {}
+"""0-d float64 CPU tensors of the numbers kernels were called with, by position and value
+(never written to: a kernel only reads its coefficients)."""
+
+
+def _tensor_coefficient(value: Tensor, device: torch.device) -> Tensor:
+    """A 0-d tensor hyperparameter, on the kernel's device (as eager torch reads it there)."""
+    return value if value.device == device or device.type == "cpu" else value.to(device)
 
 
 def _rounded(expression: str, dtype: torch.dtype) -> str:
@@ -145,22 +179,24 @@ def _eager_rounds_scalar(op: str, dtype: torch.dtype, device: torch.device, kind
 
 @dataclass(frozen=True)
 class _Program:
-    """One step's formulas as kernel source, and the coefficients to call it with."""
+    """A recorded chain as kernel source: one per wiring, whatever the step's scalars."""
 
     header: str
     body: tuple[str, ...]
     results: dict[str, str]  # role -> the name of its new value in the source
     dtypes: dict[str, torch.dtype]  # role -> its buffer's dtype
-    coefficients: tuple[Tensor, ...]
 
-    def source(self, write: bool) -> str:
-        """The kernel: it writes results into its inputs (``write``) or returns them."""
-        if write:
-            tail = [f"    {role}.copy_({name})" for role, name in self.results.items() if name != f"w_{role}"]
-        else:
-            values = [f"{name}.to({self.dtypes[role]})" for role, name in self.results.items()]
-            tail = [f"    return ({', '.join(values)},)"]
+    @functools.cached_property
+    def writing_source(self) -> str:
+        """The kernel that writes its results into its inputs."""
+        tail = [f"    {role}.copy_({name})" for role, name in self.results.items() if name != f"w_{role}"]
         return "\n".join([self.header, *self.body, *tail]) + "\n"
+
+    @functools.cached_property
+    def returning_source(self) -> str:
+        """The kernel that returns its results, in the buffers' dtypes."""
+        values = [f"{name}.to({self.dtypes[role]})" for role, name in self.results.items()]
+        return "\n".join([self.header, *self.body, f"    return ({', '.join(values)},)"]) + "\n"
 
 
 def _program(
@@ -170,10 +206,11 @@ def _program(
     dtypes: dict[str, torch.dtype],
     work_dtype: torch.dtype,
     device: torch.device,
-) -> _Program:
-    """The kernel program of a recorded chain. A step records its chain again with this
-    step's scalars (a learning rate, a bias correction): the source is generated once per
-    wiring of the recording, and only the coefficients are new."""
+) -> tuple[_Program, tuple[Tensor, ...]]:
+    """The kernel program of a recorded chain, and the coefficients to call it with. A step
+    records its chain again with this step's scalars (a learning rate, a bias correction):
+    the source is generated once per wiring of the recording, and only the coefficients are
+    new."""
     for role, value in outputs.items():
         graph.output(role, value)
     leaf_nodes = tuple(leaf.node.index for leaf in leaves.values())
@@ -184,12 +221,12 @@ def _program(
         if len(_SOURCES) >= _KEPT_SOURCES:
             _SOURCES.clear()  # one atomic step, whatever other threads do meanwhile
         _SOURCES[key] = template
-    return replace(template, coefficients=tuple(_coefficient(value, device) for value in graph.scalars()))
+    return template, _coefficients(graph.scalars(), device)
 
 
 _KEPT_SOURCES = 256
 _SOURCES: dict[Hashable, _Program] = {}
-"""Generated programs (their coefficients those of the first step) by wiring (at most
+"""Generated programs by wiring (at most
 :data:`_KEPT_SOURCES`, then emptied)."""
 
 
@@ -238,7 +275,7 @@ def _generate(
         body.append(f"    {names[node.index]} = {call}")
     inputs = [*leaves, *(f"c{k}" for k in range(scalars))]
     results = {role: names[node.index] for role, node in graph.outputs.items()}
-    return _Program(f"def kernel({', '.join(inputs)}):", tuple(body), results, dtypes, ())
+    return _Program(f"def kernel({', '.join(inputs)}):", tuple(body), results, dtypes)
 
 
 @functools.cache
@@ -439,16 +476,18 @@ class CompiledEngine:
                     yield [(indices[i], pairs) for i, pairs in batch]
                 continue
             bucket = self._bucket(key, members)
-            program = self._record(stages, hyperparameters[members[0].group], members[0], bucket)
+            program, coefficients = self._record(
+                stages, hyperparameters[members[0].group], members[0], members[0].steps, bucket
+            )
             if write:
-                adopted = self._step(stages, members, bucket, program)
+                adopted = self._step(stages, members, bucket, program, coefficients)
                 if runs is not None and adopted:
                     runs.append(_Run(bucket, members, stages))
                 else:
                     runs = None
                 yield [(i, []) for i in indices]
             else:
-                yield list(zip(indices, self._propose(stages, members, bucket, program), strict=True))
+                yield list(zip(indices, self._propose(stages, members, bucket, program, coefficients), strict=True))
         if write:
             self._runs = runs
 
@@ -515,9 +554,8 @@ class CompiledEngine:
             if moved:
                 run.copy_grads(moved)
             steps = run.steps(stages)
-            first = replace(run.first, steps=steps)
-            program = self._record(stages, hyperparameters[first.group], first, run.bucket)
-            _kernel(program.source(True), run.bucket)(*run.bucket.buffers.values(), *program.coefficients)
+            source, coefficients = self._record(stages, hyperparameters[run.first.group], run.first, steps, run.bucket)
+            _kernel(source.writing_source, run.bucket)(*run.bucket.buffers.values(), *coefficients)
             for key, t in zip((s.step_key for s in stages), steps, strict=True):
                 if key is not None and t is not None:
                     run.bucket.counters[key].fill_(t)
@@ -540,8 +578,12 @@ class CompiledEngine:
 
     @staticmethod
     def _record(
-        stages: Sequence[Stage], hyperparameters: Sequence[dict[str, Any]], first: Slot, bucket: FlatBucket
-    ) -> _Program:
+        stages: Sequence[Stage],
+        hyperparameters: Sequence[dict[str, Any]],
+        first: Slot,
+        steps: tuple[Any, ...],
+        bucket: FlatBucket,
+    ) -> tuple[_Program, tuple[Tensor, ...]]:
         graph = Graph()
         leaves = {role: graph.leaf(role) for role in bucket.buffers}
         state = {key: leaves[key] for key in first.state}
@@ -551,7 +593,7 @@ class CompiledEngine:
             leaves["param"],
             leaves["grad"],
             cast("dict[str, Any]", state),
-            first.steps,
+            steps,
             first.applies,
         )
         outputs = {"param": cast(Symbol, proposal), **cast("dict[str, Symbol]", new_state)}
@@ -561,15 +603,19 @@ class CompiledEngine:
 
     @staticmethod
     def _propose(
-        stages: Sequence[Stage], members: Sequence[Slot], bucket: FlatBucket, program: _Program
+        stages: Sequence[Stage],
+        members: Sequence[Slot],
+        bucket: FlatBucket,
+        program: _Program,
+        coefficients: tuple[Tensor, ...],
     ) -> list[list[tuple[Tensor, Tensor]]]:
         """The update dictionary's pairs: results in new buffers, nothing the user sees written."""
         bucket.gather("param", [s.param for s in members])
         bucket.gather("grad", [s.grad for s in members])
         for key in members[0].state:
             bucket.gather(key, [s.state[key] for s in members])
-        kernel = _kernel(program.source(False), bucket)
-        results = dict(zip(program.results, kernel(*bucket.buffers.values(), *program.coefficients), strict=True))
+        kernel = _kernel(program.returning_source, bucket)
+        results = dict(zip(program.results, kernel(*bucket.buffers.values(), *coefficients), strict=True))
         pairs = []
         for i, slot in enumerate(members):
             span = bucket.spans[i]
@@ -579,14 +625,20 @@ class CompiledEngine:
         return pairs
 
     @staticmethod
-    def _step(stages: Sequence[Stage], members: Sequence[Slot], bucket: FlatBucket, program: _Program) -> bool:
+    def _step(
+        stages: Sequence[Stage],
+        members: Sequence[Slot],
+        bucket: FlatBucket,
+        program: _Program,
+        coefficients: tuple[Tensor, ...],
+    ) -> bool:
         """Write one batch's step; return whether every tensor is now a view of the bucket."""
         targets = {"param": [s.param for s in members], **{k: [s.state[k] for s in members] for k in members[0].state}}
         moved = {role: bucket.gather(role, tensors) for role, tensors in targets.items()}
         moved_grads = bucket.gather("grad", [s.grad for s in members])
         adopted = True
         with torch.no_grad():
-            _kernel(program.source(True), bucket)(*bucket.buffers.values(), *program.coefficients)
+            _kernel(program.writing_source, bucket)(*bucket.buffers.values(), *coefficients)
             for role, indices in moved.items():
                 for i in indices:
                     target = targets[role][i]
