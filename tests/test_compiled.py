@@ -218,6 +218,40 @@ def test_equal_and_recurring_coefficients_neither_recompile_nor_mix_up() -> None
         assert_same(compiled, params, eager, twins)
 
 
+def test_step_counters_written_between_steps_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The steady state knows its counters' values without reading them, until anyone else
+    # writes to one: all reset alike, then one alone (a batch of its own step count).
+    from torchupdates.engines.compiled import CompiledEngine
+
+    repeated = []
+    original = CompiledEngine.run_repeat
+
+    def spy(self: CompiledEngine, *args: object) -> bool:
+        repeated.append(original(self, *args))  # type: ignore[arg-type]
+        return repeated[-1]
+
+    monkeypatch.setattr(CompiledEngine, "run_repeat", spy)
+    params, twins = ([torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)] for _ in "ab")
+    for p in params + twins:
+        p.requires_grad_(True)
+    compiled = torchupdates.adam(params, 0.1, engine="compiled")
+    eager = torchupdates.adam(twins, 0.1)
+    edits = {
+        3: lambda opt, ps: [opt.state[p]["step"].zero_() for p in ps],
+        5: lambda opt, ps: opt.state[ps[1]]["step"].fill_(40),
+    }
+    for k in range(8):
+        for opt, ps in ((compiled, params), (eager, twins)):
+            if k in edits:
+                edits[k](opt, ps)
+            for p, g in zip(ps, gradients(ps, k), strict=True):
+                p.grad = g
+            opt.step()
+        assert_same(compiled, params, eager, twins)
+    assert [int(compiled.state[p]["step"]) for p in params] == [5, 43, 5]
+    assert repeated.count(True) >= 4  # the edited steps, and others, ran the steady state
+
+
 def test_coefficient_tensors_keep_the_sign_of_zero() -> None:
     from torchupdates.engines.compiled import _coefficients
 
