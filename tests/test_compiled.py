@@ -14,7 +14,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 import pytest
 import torch
@@ -132,17 +132,18 @@ def replace_things(step: int, model: torch.nn.Module, opt: torchupdates.Optimize
 
 
 def test_replaced_gradients_parameters_and_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchupdates.engines.compiled import CompiledEngine
+    from torchupdates import optimizer
 
     repeated: list[bool] = []
-    original = CompiledEngine.prepare_repeat
+    original = optimizer.step_again
 
-    def spy(self: CompiledEngine, *args: Any) -> object:
-        plan = original(self, *args)
-        repeated.append(plan is not None)
-        return plan
+    def spy(opt: torchupdates.Optimizer) -> bool:
+        stepped = original(opt)
+        if opt.engine == "compiled":
+            repeated.append(stepped)
+        return stepped
 
-    monkeypatch.setattr(CompiledEngine, "prepare_repeat", spy)
+    monkeypatch.setattr(optimizer, "step_again", spy)
     runs = []
     for engine in ("foreach", "compiled"):
         torch.manual_seed(0)

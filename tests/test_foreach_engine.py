@@ -472,3 +472,44 @@ def test_program_refuses_outputs_into_read_only_leaves() -> None:
     param, grad = graph.leaf("param"), graph.leaf("grad")
     with pytest.raises(ValueError, match="not writable"):
         compile_program(graph, [param, grad], [True, False], [(param - grad, 1)], "native")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("set_to_none", [False, True], ids=["grads kept", "new grads"])
+def test_flat_buffer_path_equals_reference(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, set_to_none: bool
+) -> None:
+    # On a CUDA device the foreach engine runs in the compiled engine's flat buffers, its
+    # kernel called eagerly. Forced onto the CPU here (chains whose operations are all
+    # correctly rounded by eager CPU torch: no float32 square root), then checked on CUDA by
+    # tests/test_cuda.py for every rule.
+    monkeypatch.setattr(foreach_engine.ForeachEngine, "flattens", staticmethod(lambda device: True))
+    chains: list[Build] = [
+        lambda p, e: torchupdates.apply_nesterov_momentum(torchupdates.momentum(p, 0.1, engine=e), p[1:], momentum=0.5)
+    ]
+    if dtype == torch.bfloat16:  # a square root computed in float32 and rounded to bfloat16
+        chains.append(lambda p, e: torchupdates.adam(p, 0.1, engine=e))
+    for make in chains:
+        runs = []
+        for engine in ("reference", "foreach"):
+            generator = torch.Generator().manual_seed(0)
+            params = [torch.randn(shape, generator=generator).to(dtype).requires_grad_(True) for shape in SHAPES]
+            opt = make(params, engine)
+            for k in range(5):
+                grads = torch.Generator().manual_seed(10 + k)
+                for p in params:
+                    if set_to_none or p.grad is None:
+                        p.grad = torch.randn(p.shape, generator=grads).to(dtype)
+                    else:
+                        p.grad.copy_(torch.randn(p.shape, generator=grads))
+                opt.step()
+            runs.append((opt, params))
+        (ref, ref_params), (flat, flat_params) = runs
+        assert flat._engine_runner().may_repeat()  # the flat path ran, and its steady state
+        for p, q in zip(ref_params, flat_params, strict=True):
+            assert torch.equal(p.detach(), q.detach())
+            for key, value in ref.state[p].items():
+                assert torch.equal(value, flat.state[q][key]), key
+
+
+SHAPES = [(7, 5), (3,), (), (2, 3, 4)]

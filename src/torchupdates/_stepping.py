@@ -106,6 +106,7 @@ def step_again(opt: Optimizer) -> bool:
     final = opt._stages[-1] if ends_per_tensor(opt._stages) else None
     if (
         not isinstance(engine, CompiledEngine)
+        or not engine.may_repeat()
         or (final is None and any(map(is_per_tensor, opt._stages)))
         or not opt.param_groups
     ):

@@ -262,3 +262,31 @@ def test_a_case_the_workload_cannot_take_is_one_note_naming_why() -> None:
     (note,) = [line for line in report.notes if "not measured" in line]
     assert "torch single, torch foreach, torch fused, foreach" in note
     assert "no 2-D to 5-D parameters" in note
+
+
+def test_each_engine_steps_parameters_of_its_own() -> None:
+    # Two engines keeping parameters in flat buffers of their own (the compiled engine, and
+    # the foreach engine on a GPU) would take shared ones from each other at every step.
+    from torchupdates.cli import bench
+
+    received: dict[str, list[torch.Tensor]] = {}
+
+    def builder(label: str):
+        def build(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+            received[label] = params
+            return torch.optim.SGD(params, 0.1)
+
+        return build
+
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.full((3,), 0.5)
+    labels = ["foreach", "compiled", "reference", "torch foreach", "torch fused"]
+    bench._measure(CASES["sgd"], {label: builder(label) for label in labels}, params, 1, 1, torch.device("cpu"), [])
+    seen = {id(p) for p in params}
+    for label in ("foreach", "compiled", "reference"):
+        ids = {id(p) for p in received[label]}
+        assert not ids & seen, label
+        seen |= ids
+        assert all(torch.equal(p.grad, torch.full((3,), 0.5)) for p in received[label])
+    assert received["torch foreach"] is params and received["torch fused"] is params

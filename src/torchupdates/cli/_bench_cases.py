@@ -3,7 +3,7 @@
 A :class:`Case` is one optimizer configuration: how to build it on each engine, how many
 tensors a step must read and write per element, and torch.optim's equivalent when there is
 one. A :class:`Workload` is the list of parameter shapes. :func:`interleaved_medians` times
-several steppers on the same tensors, one step of each in turn, so that the machine's
+several steppers, one step of each in turn, so that the machine's
 drift (other processes, clock changes) hits all of them alike.
 """
 

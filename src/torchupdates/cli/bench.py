@@ -2,8 +2,10 @@
 
 Speed is reported as effective bandwidth: the bytes a rule must read and write in a step
 (each parameter, gradient and state element once) divided by the median step time, for
-torchupdates' engines and, in the same run on the same tensors, for the matching
-torch.optim optimizer (single-tensor, foreach, and fused where torch has it). Ratios compare
+torchupdates' engines and, in the same run on tensors of the same values, for the matching
+torch.optim optimizer (single-tensor, foreach, and fused where torch has it). torch's
+optimizers share one set of parameters; each of our engines steps a copy of its own, since
+an engine may keep them in flat buffers of its own. Ratios compare
 each engine with torch's foreach step of the same rule and with ``torch.optim.Adam(fused=True)``.
 The run also measures the machine's memory ceiling (a kernel that only moves Adam's bytes),
 the compiled engine's compile times, and how step time scales with the number of tensors.
@@ -114,7 +116,9 @@ def _measure(
     failed: dict[str, list[str]] = {}  # why -> the implementations it stopped
     for label, build in builders.items():
         try:
-            optimizer = build(params)
+            # Engines that keep parameters in flat buffers of their own (the compiled engine;
+            # the foreach engine on a GPU) would take shared ones from each other every step.
+            optimizer = build(_copies(params) if label in ENGINES else params)
             optimizer.step()  # the first warm-up step; the compiled engine compiles here
         except Exception as error:  # e.g. no fused kernel for this device or dtype
             failed.setdefault(_first_line(error), []).append(label)
@@ -138,6 +142,16 @@ def _measure(
     if ceiling is not None:
         ceiling_gb_per_s = CEILING_MOVED * params[0].element_size() * numel / seconds["ceiling"] / 1e9
     return result, ceiling_gb_per_s
+
+
+def _copies(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """New parameters with the values and gradients of ``params``."""
+    copies: list[torch.Tensor] = []
+    for param in params:
+        copy = torch.nn.Parameter(param.detach().clone())
+        copy.grad = None if param.grad is None else param.grad.clone()
+        copies.append(copy)
+    return copies
 
 
 def _ceiling(numel: int, dtype: torch.dtype, device: torch.device, notes: list[str]) -> tuple[str, Callable[[], None]]:
@@ -166,7 +180,7 @@ def run_bench(
     warmup: int = COMPILED_WARMUP,
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
-    """Measure every case with every engine and with torch.optim, on the same tensors, and
+    """Measure every case with every engine and with torch.optim, on tensors of the same values, and
     the memory ceiling in the same rounds as Adam (measured for that even when ``adam`` is
     not among ``rule_names``, with torch fused and our engines only, to give the yardstick)."""
     device = torch.device(device)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ._chain import Batch, Slot, Stage
 from .compiled import CompiledEngine
-from .foreach import propose_foreach
+from .foreach import ForeachEngine
 from .reference import propose_reference
 
 Engine = Callable[[Sequence[Stage], Sequence[Slot], Sequence[Sequence[dict[str, Any]]], bool], Iterator[Batch]]
@@ -35,7 +35,7 @@ optimizer) is an object with ``__call__``; a stateless engine's factory returns 
 
 ENGINES: dict[str, EngineFactory] = {
     "reference": lambda: propose_reference,
-    "foreach": lambda: propose_foreach,
+    "foreach": ForeachEngine,
     "compiled": CompiledEngine,
 }
 

@@ -44,7 +44,7 @@ from ._flat import PLAIN_TENSORS, FlatBucket, local, real
 from ._vector_isa import remembered_vector_isa_options
 from .reference import propose_reference
 
-__all__ = ["CompiledEngine", "CompilerMissingError", "require_compiler"]
+__all__ = ["CompiledEngine", "CompilerMissingError", "eager_kernel", "require_compiler"]
 
 # emulate_precision_casts: on CUDA, no contraction into FMA (and casts as eager rounds them).
 # pattern_matcher off: among its rewrites, torch before 2.12 drops a float32 -> 16-bit ->
@@ -241,6 +241,8 @@ def _generate(
     are the leaves, then the scalars in :meth:`Graph.scalars` order (``c0``, ``c1``, ...)."""
     names: dict[int, str] = {}
     body: list[str] = []
+    last_reads = graph.last_reads()
+    kept = {result.index for result in graph.outputs.values()}
     for role, leaf in leaves.items():
         cast_to = "" if dtypes[role] == work_dtype else f".to({work_dtype})"
         names[leaf.node.index] = f"w_{role}"
@@ -273,14 +275,22 @@ def _generate(
         else:
             call = f"op_{node.op}({', '.join(args)})"
         body.append(f"    {names[node.index]} = {call}")
+        # Run eagerly (the foreach engine on a GPU), a value no longer read is freed at once.
+        dead = {
+            names[arg.index]
+            for arg in node.args
+            if isinstance(arg, Node) and last_reads[arg.index] == node.index and arg.index not in kept
+        }
+        if dead:
+            body.append(f"    del {', '.join(sorted(dead))}")
     inputs = [*leaves, *(f"c{k}" for k in range(scalars))]
     results = {role: names[node.index] for role, node in graph.outputs.items()}
     return _Program(f"def kernel({', '.join(inputs)}):", tuple(body), results, dtypes)
 
 
 @functools.cache
-def _compiled(source: str, parallel: bool, device_type: str) -> Callable[..., Any]:
-    """Compile a kernel's source once per process (Inductor caches its code on disk too)."""
+def eager_kernel(source: str) -> Callable[..., Any]:
+    """The kernel ``source`` defines, as a Python function of eager torch operations."""
     # The kernel calls each operation as ``op_<name>``: the one table of what a recorded
     # operation computes (``formula.ELEMENTWISE``).
     namespace: dict[str, Any] = {"torch": torch, **{f"op_{name}": fn for name, fn in ELEMENTWISE.items()}}
@@ -290,13 +300,14 @@ def _compiled(source: str, parallel: bool, device_type: str) -> Callable[..., An
     # every such function shares, so all kernels would count against one recompile limit.
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     exec(compile(source, filename, "exec"), namespace)
+    return cast("Callable[..., Any]", namespace["kernel"])
+
+
+@functools.cache
+def _compiled(source: str, parallel: bool, device_type: str) -> Callable[..., Any]:
+    """Compile a kernel's source once per process (Inductor caches its code on disk too)."""
     options = _compile_options(parallel, device_type)
-    return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=options)
-
-
-def _kernel(source: str, bucket: FlatBucket) -> Callable[..., Any]:
-    """The compiled kernel of ``source`` for the bucket's device and length."""
-    return _compiled(source, bucket.parallel, bucket.device.type)
+    return torch.compile(eager_kernel(source), dynamic=True, fullgraph=True, options=options)
 
 
 def _compile_options(parallel: bool, device_type: str) -> dict[str, str | int | bool | Callable[..., Any]]:
@@ -467,12 +478,12 @@ class CompiledEngine:
         for index, slot in enumerate(slots):
             batches[_batch_key(slot)].append(index)
         runs: list[_Run] | None = []
-        self._runs, self._state_seen = None, None
+        self.forget()
         for key, indices in batches.items():
             members = [slots[i] for i in indices]
-            if not any(slot.param.numel() for slot in members):
+            if not self.takes(members):
                 runs = None
-                for batch in propose_reference(stages, members, hyperparameters, write):
+                for batch in self.elsewhere(stages, members, hyperparameters, write):
                     yield [(indices[i], pairs) for i, pairs in batch]
                 continue
             bucket = self._bucket(key, members)
@@ -490,6 +501,32 @@ class CompiledEngine:
                 yield list(zip(indices, self._propose(stages, members, bucket, program, coefficients), strict=True))
         if write:
             self._runs = runs
+
+    def forget(self) -> None:
+        """Drop the plan to repeat the last step (the next step is an ordinary one)."""
+        self._runs, self._state_seen = None, None
+
+    def may_repeat(self) -> bool:
+        """Whether the last step left a plan that :meth:`prepare_repeat` may follow."""
+        return bool(self._runs)
+
+    def takes(self, members: Sequence[Slot]) -> bool:
+        """Whether a batch runs in flat buffers here (not when no member has an element)."""
+        return any(slot.param.numel() for slot in members)
+
+    def elsewhere(
+        self,
+        stages: Sequence[Stage],
+        members: Sequence[Slot],
+        hyperparameters: Sequence[Sequence[dict[str, Any]]],
+        write: bool,
+    ) -> Iterator[Batch]:
+        """The batches :meth:`takes` refuses, run another way."""
+        return propose_reference(stages, members, hyperparameters, write)
+
+    def kernel(self, source: str, bucket: FlatBucket) -> Callable[..., Any]:
+        """The kernel of ``source`` for the bucket: compiled for its device and length."""
+        return _compiled(source, bucket.parallel, bucket.device.type)
 
     def prepare_repeat(
         self,
@@ -555,7 +592,7 @@ class CompiledEngine:
                 run.copy_grads(moved)
             steps = run.steps(stages)
             source, coefficients = self._record(stages, hyperparameters[run.first.group], run.first, steps, run.bucket)
-            _kernel(source.writing_source, run.bucket)(*run.bucket.buffers.values(), *coefficients)
+            self.kernel(source.writing_source, run.bucket)(*run.bucket.buffers.values(), *coefficients)
             for key, t in zip((s.step_key for s in stages), steps, strict=True):
                 if key is not None and t is not None:
                     run.bucket.counters[key].fill_(t)
@@ -601,8 +638,8 @@ class CompiledEngine:
         device = bucket.buffers["param"].device
         return _program(graph, leaves, outputs, dtypes, first.work_dtype, device)
 
-    @staticmethod
     def _propose(
+        self,
         stages: Sequence[Stage],
         members: Sequence[Slot],
         bucket: FlatBucket,
@@ -614,7 +651,7 @@ class CompiledEngine:
         bucket.gather("grad", [s.grad for s in members])
         for key in members[0].state:
             bucket.gather(key, [s.state[key] for s in members])
-        kernel = _kernel(program.returning_source, bucket)
+        kernel = self.kernel(program.returning_source, bucket)
         results = dict(zip(program.results, kernel(*bucket.buffers.values(), *coefficients), strict=True))
         pairs = []
         for i, slot in enumerate(members):
@@ -624,8 +661,8 @@ class CompiledEngine:
             pairs.append(own + pairs_for_slot(stages, slot, None, {}))
         return pairs
 
-    @staticmethod
     def _step(
+        self,
         stages: Sequence[Stage],
         members: Sequence[Slot],
         bucket: FlatBucket,
@@ -638,7 +675,7 @@ class CompiledEngine:
         moved_grads = bucket.gather("grad", [s.grad for s in members])
         adopted = True
         with torch.no_grad():
-            _kernel(program.writing_source, bucket)(*bucket.buffers.values(), *coefficients)
+            self.kernel(program.writing_source, bucket)(*bucket.buffers.values(), *coefficients)
             for role, indices in moved.items():
                 for i in indices:
                     target = targets[role][i]

@@ -22,6 +22,8 @@ from torch import Tensor
 from ..formula import ELEMENTWISE, ForeachGraph, Node, Scalar, ScalarKind, Symbol, probe_operands, scalar_kind
 from . import _cpu
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
+from ._flat import FlatBucket
+from .compiled import CompiledEngine, eager_kernel
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
@@ -249,3 +251,46 @@ def _write_counters(stages: Sequence[Stage], members: Sequence[Slot]) -> None:
         else:
             for counter in counters:
                 counter.copy_(torch.full_like(counter, t))
+
+
+class ForeachEngine(CompiledEngine):
+    """``engine="foreach"``: :func:`propose_foreach`, except for plain tensors on a CUDA device,
+    which run as on the compiled engine (flat buffers, its steady state) with the kernel's
+    operations called one by one, eagerly: one launch per operation serves every tensor of a
+    batch, where tensor lists cost Python and launches per parameter."""
+
+    def __call__(
+        self,
+        stages: Sequence[Stage],
+        slots: Sequence[Slot],
+        hyperparameters: Sequence[Sequence[dict[str, Any]]],
+        write: bool = False,
+    ) -> Iterator[Batch]:
+        if any(self.flattens(slot.param.device) for slot in slots):
+            return super().__call__(stages, slots, hyperparameters, write)
+        self.forget()
+        return propose_foreach(stages, slots, hyperparameters, write)
+
+    @staticmethod
+    def flattens(device: torch.device) -> bool:
+        """Whether batches on ``device`` run in flat buffers: on a CUDA device."""
+        return device.type == "cuda"
+
+    def takes(self, members: Sequence[Slot]) -> bool:
+        return (
+            self.flattens(members[0].param.device)
+            and super().takes(members)
+            and all(type(t) in _PLAIN for slot in members for t in (slot.param, slot.grad, *slot.state.values()))
+        )
+
+    def elsewhere(
+        self,
+        stages: Sequence[Stage],
+        members: Sequence[Slot],
+        hyperparameters: Sequence[Sequence[dict[str, Any]]],
+        write: bool,
+    ) -> Iterator[Batch]:
+        return propose_foreach(stages, members, hyperparameters, write)
+
+    def kernel(self, source: str, bucket: FlatBucket) -> Callable[..., Any]:
+        return eager_kernel(source)
