@@ -44,7 +44,7 @@ from ._flat import PLAIN_TENSORS, FlatBucket, local, real
 from ._vector_isa import remembered_vector_isa_options
 from .reference import propose_reference
 
-__all__ = ["CompiledEngine", "CompilerMissingError", "eager_kernel", "require_compiler"]
+__all__ = ["CompiledEngine", "CompilerMissingError", "require_compiler"]
 
 # emulate_precision_casts: on CUDA, no contraction into FMA (and casts as eager rounds them).
 # pattern_matcher off: among its rewrites, torch before 2.12 drops a float32 -> 16-bit ->
@@ -241,8 +241,6 @@ def _generate(
     are the leaves, then the scalars in :meth:`Graph.scalars` order (``c0``, ``c1``, ...)."""
     names: dict[int, str] = {}
     body: list[str] = []
-    last_reads = graph.last_reads()
-    kept = {result.index for result in graph.outputs.values()}
     for role, leaf in leaves.items():
         cast_to = "" if dtypes[role] == work_dtype else f".to({work_dtype})"
         names[leaf.node.index] = f"w_{role}"
@@ -275,22 +273,14 @@ def _generate(
         else:
             call = f"op_{node.op}({', '.join(args)})"
         body.append(f"    {names[node.index]} = {call}")
-        # Run eagerly (the foreach engine on a GPU), a value no longer read is freed at once.
-        dead = {
-            names[arg.index]
-            for arg in node.args
-            if isinstance(arg, Node) and last_reads[arg.index] == node.index and arg.index not in kept
-        }
-        if dead:
-            body.append(f"    del {', '.join(sorted(dead))}")
     inputs = [*leaves, *(f"c{k}" for k in range(scalars))]
     results = {role: names[node.index] for role, node in graph.outputs.items()}
     return _Program(f"def kernel({', '.join(inputs)}):", tuple(body), results, dtypes)
 
 
 @functools.cache
-def eager_kernel(source: str) -> Callable[..., Any]:
-    """The kernel ``source`` defines, as a Python function of eager torch operations."""
+def _compiled(source: str, parallel: bool, device_type: str) -> Callable[..., Any]:
+    """Compile a kernel's source once per process (Inductor caches its code on disk too)."""
     # The kernel calls each operation as ``op_<name>``: the one table of what a recorded
     # operation computes (``formula.ELEMENTWISE``).
     namespace: dict[str, Any] = {"torch": torch, **{f"op_{name}": fn for name, fn in ELEMENTWISE.items()}}
@@ -300,14 +290,8 @@ def eager_kernel(source: str) -> Callable[..., Any]:
     # every such function shares, so all kernels would count against one recompile limit.
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     exec(compile(source, filename, "exec"), namespace)
-    return cast("Callable[..., Any]", namespace["kernel"])
-
-
-@functools.cache
-def _compiled(source: str, parallel: bool, device_type: str) -> Callable[..., Any]:
-    """Compile a kernel's source once per process (Inductor caches its code on disk too)."""
     options = _compile_options(parallel, device_type)
-    return torch.compile(eager_kernel(source), dynamic=True, fullgraph=True, options=options)
+    return torch.compile(namespace["kernel"], dynamic=True, fullgraph=True, options=options)
 
 
 def _compile_options(parallel: bool, device_type: str) -> dict[str, str | int | bool | Callable[..., Any]]:
@@ -487,17 +471,17 @@ class CompiledEngine:
                     yield [(indices[i], pairs) for i, pairs in batch]
                 continue
             bucket = self._bucket(key, members)
-            program, coefficients = self._record(
-                stages, hyperparameters[members[0].group], members[0], members[0].steps, bucket
-            )
             if write:
-                adopted = self._step(stages, members, bucket, program, coefficients)
+                adopted = self._step(stages, members, bucket, hyperparameters[members[0].group])
                 if runs is not None and adopted:
                     runs.append(_Run(bucket, members, stages))
                 else:
                     runs = None
                 yield [(i, []) for i in indices]
             else:
+                program, coefficients = self._record(
+                    stages, hyperparameters[members[0].group], members[0], members[0].steps, bucket
+                )
                 yield list(zip(indices, self._propose(stages, members, bucket, program, coefficients), strict=True))
         if write:
             self._runs = runs
@@ -524,9 +508,18 @@ class CompiledEngine:
         """The batches :meth:`takes` refuses, run another way."""
         return propose_reference(stages, members, hyperparameters, write)
 
-    def kernel(self, source: str, bucket: FlatBucket) -> Callable[..., Any]:
-        """The kernel of ``source`` for the bucket: compiled for its device and length."""
-        return _compiled(source, bucket.parallel, bucket.device.type)
+    def run_kernel(
+        self,
+        stages: Sequence[Stage],
+        hyperparameters: Sequence[dict[str, Any]],
+        first: Slot,
+        steps: tuple[Any, ...],
+        bucket: FlatBucket,
+    ) -> None:
+        """Step the batch whose first member is ``first`` in its bucket's buffers, in place,
+        with step numbers ``steps``: the compiled kernel of its chain."""
+        program, coefficients = self._record(stages, hyperparameters, first, steps, bucket)
+        _compiled(program.writing_source, bucket.parallel, bucket.device.type)(*bucket.buffers.values(), *coefficients)
 
     def prepare_repeat(
         self,
@@ -591,8 +584,7 @@ class CompiledEngine:
             if moved:
                 run.copy_grads(moved)
             steps = run.steps(stages)
-            source, coefficients = self._record(stages, hyperparameters[run.first.group], run.first, steps, run.bucket)
-            self.kernel(source.writing_source, run.bucket)(*run.bucket.buffers.values(), *coefficients)
+            self.run_kernel(stages, hyperparameters[run.first.group], run.first, steps, run.bucket)
             for key, t in zip((s.step_key for s in stages), steps, strict=True):
                 if key is not None and t is not None:
                     run.bucket.counters[key].fill_(t)
@@ -651,7 +643,7 @@ class CompiledEngine:
         bucket.gather("grad", [s.grad for s in members])
         for key in members[0].state:
             bucket.gather(key, [s.state[key] for s in members])
-        kernel = self.kernel(program.returning_source, bucket)
+        kernel = _compiled(program.returning_source, bucket.parallel, bucket.device.type)
         results = dict(zip(program.results, kernel(*bucket.buffers.values(), *coefficients), strict=True))
         pairs = []
         for i, slot in enumerate(members):
@@ -666,8 +658,7 @@ class CompiledEngine:
         stages: Sequence[Stage],
         members: Sequence[Slot],
         bucket: FlatBucket,
-        program: _Program,
-        coefficients: tuple[Tensor, ...],
+        hyperparameters: Sequence[dict[str, Any]],
     ) -> bool:
         """Write one batch's step; return whether every tensor is now a view of the bucket."""
         targets = {"param": [s.param for s in members], **{k: [s.state[k] for s in members] for k in members[0].state}}
@@ -675,7 +666,7 @@ class CompiledEngine:
         moved_grads = bucket.gather("grad", [s.grad for s in members])
         adopted = True
         with torch.no_grad():
-            self.kernel(program.writing_source, bucket)(*bucket.buffers.values(), *coefficients)
+            self.run_kernel(stages, hyperparameters, members[0], members[0].steps, bucket)
             for role, indices in moved.items():
                 for i in indices:
                     target = targets[role][i]

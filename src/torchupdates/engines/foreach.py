@@ -23,7 +23,7 @@ from ..formula import ELEMENTWISE, ForeachGraph, Node, Scalar, ScalarKind, Symbo
 from . import _cpu
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
 from ._flat import FlatBucket
-from .compiled import CompiledEngine, eager_kernel
+from .compiled import CompiledEngine
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
@@ -254,10 +254,11 @@ def _write_counters(stages: Sequence[Stage], members: Sequence[Slot]) -> None:
 
 
 class ForeachEngine(CompiledEngine):
-    """``engine="foreach"``: :func:`propose_foreach`, except for plain tensors on a CUDA device,
-    which run as on the compiled engine (flat buffers, its steady state) with the kernel's
-    operations called one by one, eagerly: one launch per operation serves every tensor of a
-    batch, where tensor lists cost Python and launches per parameter."""
+    """``engine="foreach"``: :func:`propose_foreach`, except for steps of plain tensors on a
+    CUDA device, which keep them in the compiled engine's flat buffers (and take its steady
+    state) and run the foreach lists over those buffers, one tensor per role: one launch per
+    operation serves every tensor of a batch, where lists of the tensors themselves cost
+    Python and launches per parameter."""
 
     def __call__(
         self,
@@ -266,14 +267,14 @@ class ForeachEngine(CompiledEngine):
         hyperparameters: Sequence[Sequence[dict[str, Any]]],
         write: bool = False,
     ) -> Iterator[Batch]:
-        if any(self.flattens(slot.param.device) for slot in slots):
+        if write and any(self.flattens(slot.param.device) for slot in slots):
             return super().__call__(stages, slots, hyperparameters, write)
         self.forget()
         return propose_foreach(stages, slots, hyperparameters, write)
 
     @staticmethod
     def flattens(device: torch.device) -> bool:
-        """Whether batches on ``device`` run in flat buffers: on a CUDA device."""
+        """Whether steps on ``device`` run in flat buffers: on a CUDA device."""
         return device.type == "cuda"
 
     def takes(self, members: Sequence[Slot]) -> bool:
@@ -292,5 +293,24 @@ class ForeachEngine(CompiledEngine):
     ) -> Iterator[Batch]:
         return propose_foreach(stages, members, hyperparameters, write)
 
-    def kernel(self, source: str, bucket: FlatBucket) -> Callable[..., Any]:
-        return eager_kernel(source)
+    def run_kernel(
+        self,
+        stages: Sequence[Stage],
+        hyperparameters: Sequence[dict[str, Any]],
+        first: Slot,
+        steps: tuple[Any, ...],
+        bucket: FlatBucket,
+    ) -> None:
+        buffers = bucket.buffers
+        state = {key: buffers[key] for key in first.state}
+        # The bucket keeps the step counters: these only receive what the run would write.
+        counters = {
+            stage.step_key: torch.zeros((), dtype=torch.int64)
+            for stage, t in zip(stages, steps, strict=True)
+            if stage.step_key is not None and t is not None
+        }
+        flat = Slot(buffers["param"], buffers["grad"], state, counters, 0, steps, first.applies, first.work_dtype)
+        for batch in propose_foreach(stages, [flat], [hyperparameters], write=True):
+            for _, pairs in batch:
+                for target, value in pairs:
+                    target.copy_(value)
