@@ -4,8 +4,9 @@
 come here: the gradients are gathered and checked (``_slots``), the guards clip or skip
 (``_guards``), missing state is created, each parameter becomes a slot, and the engine runs
 the chain of formulas over the slots, batch by batch. Chains with a norm constraint run in
-segments (``_segments``). :func:`step_again` is the compiled engine's steady state, which
-skips the per-parameter work when nothing changed since the last step.
+segments (``_segments``). :func:`step_again` is the steady state of the engines that keep
+flat buffers (the compiled engine; the foreach engine on CUDA), which skips the
+per-parameter work when nothing changed since the last step.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _guarded(
 
 
 def step_again(opt: Optimizer) -> bool:
-    """The compiled engine's steady state: step ``opt`` from ``.grad`` without building
+    """The flat-buffer engines' steady state: step ``opt`` from ``.grad`` without building
     slots when the engine can prove nothing changed since its last step. Say whether it
     stepped (or skipped the step: ``skip_nonfinite``); False leaves everything as it was."""
     engine = opt._engine_runner()

@@ -5,7 +5,9 @@ per batch and compiled into single-tensor calls with ``out=`` over preallocated 
 over cache-sized chunks (on worker threads where that pays, :mod:`._workers`). Gradients that
 share memory with a parameter or its state are copied first. Everything else (other devices, whose multi-tensor
 kernels want whole lists; update dictionaries, whose values must be new tensors; tensor
-subclasses such as DTensor) records and runs tensor lists as below.
+subclasses such as DTensor) records and runs tensor lists as below. A step of plain tensors
+on a CUDA device runs those lists over the compiled engine's flat buffers
+(:class:`ForeachEngine`).
 """
 
 from __future__ import annotations
