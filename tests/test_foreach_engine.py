@@ -485,6 +485,7 @@ def test_flat_buffer_path_equals_reference(
     # CUDA by tests/test_cuda.py for every rule.
     monkeypatch.setattr(foreach_engine.ForeachEngine, "flattens", staticmethod(lambda device: True))
     monkeypatch.setattr(_cpu, "run_batch", lambda *args: False)  # tensor lists, as on a GPU
+    monkeypatch.setattr(foreach_engine, "FLAT_CHUNK_ELEMENTS", 16)  # several ranges per buffer
     chains: list[Build] = [
         lambda p, e: torchupdates.apply_nesterov_momentum(torchupdates.momentum(p, 0.1, engine=e), p[1:], momentum=0.5)
     ]

@@ -41,6 +41,13 @@ torch thread of the caller, up to this cap): beyond it the Python between operat
 holds the GIL, would keep workers waiting, and memory bandwidth is spent anyway."""
 
 
+FLAT_CHUNK_ELEMENTS = 1 << 24
+"""On CUDA the flat buffers run in ranges of at most this many elements: a step's intermediate
+values are temporaries as large as a range (a few of them at once), so the memory a step
+borrows stays bounded however large the model, while each launch still covers millions of
+elements."""
+
+
 def cpu_workers() -> int:
     """How many worker threads a CPU step uses: the caller's torch threads, capped."""
     return max(1, min(torch.get_num_threads(), CPU_MAX_WORKERS))
@@ -303,16 +310,18 @@ class ForeachEngine(CompiledEngine):
         steps: tuple[Any, ...],
         bucket: FlatBucket,
     ) -> None:
-        buffers = bucket.buffers
-        state = {key: buffers[key] for key in first.state}
         # The bucket keeps the step counters: these only receive what the run would write.
         counters = {
             stage.step_key: torch.zeros((), dtype=torch.int64)
             for stage, t in zip(stages, steps, strict=True)
             if stage.step_key is not None and t is not None
         }
-        flat = Slot(buffers["param"], buffers["grad"], state, counters, 0, steps, first.applies, first.work_dtype)
-        for batch in propose_foreach(stages, [flat], [hyperparameters], write=True):
-            for _, pairs in batch:
-                for target, value in pairs:
-                    target.copy_(value)
+        length = next(iter(bucket.buffers.values())).numel()
+        for start in range(0, length, FLAT_CHUNK_ELEMENTS):
+            buffers = {role: buffer[start : start + FLAT_CHUNK_ELEMENTS] for role, buffer in bucket.buffers.items()}
+            state = {key: buffers[key] for key in first.state}
+            chunk = Slot(buffers["param"], buffers["grad"], state, counters, 0, steps, first.applies, first.work_dtype)
+            for batch in propose_foreach(stages, [chunk], [hyperparameters], write=True):
+                for _, pairs in batch:
+                    for target, value in pairs:
+                        target.copy_(value)
