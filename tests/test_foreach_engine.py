@@ -515,3 +515,18 @@ def test_flat_buffer_path_equals_reference(
 
 
 SHAPES = [(7, 5), (3,), (), (2, 3, 4)]
+
+
+def test_cpu_steps_leave_the_tensors_where_they_are() -> None:
+    # Only on a CUDA device does the foreach engine move parameters into flat buffers.
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    addresses = [p.data_ptr() for p in params]
+    opt = torchupdates.adam(params, 0.1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        grads = [p.grad for p in params]
+        opt.step()
+        assert all(p.grad is g for p, g in zip(params, grads, strict=True))  # not re-pointed
+    assert [p.data_ptr() for p in params] == addresses
+    assert not opt._engine_runner().may_repeat()
