@@ -32,7 +32,7 @@ YARDSTICK = "torch.optim.Adam(fused=True)"
 class BenchResult:
     """One rule's measurements: GB/s and state bytes per element by implementation, and
     each of our engines' GB/s over torch foreach's for the rule and over torch fused Adam's.
-    ``fused_adam_gb_per_s``: torch fused Adam on the same tensors, stepped in the same rounds
+    ``fused_adam_gb_per_s``: torch fused Adam on the same values, stepped in the same rounds
     as this rule's implementations (the yardstick of its row)."""
 
     rule: str
@@ -148,7 +148,7 @@ def format_report(report: BenchReport, engines: Sequence[str], threads: int | No
     parts = [
         f"{report.workload}; {report.dtype} on {report.device}, torch {torch.__version__}{threads_text}{load_text}",
         f"GB/s = bytes a step must move / median step time ({report.repeat} steps after {report.warmup} warm-up "
-        "steps, every implementation on the same tensors, one step of each in turn)",
+        "steps, every implementation on tensors of the same values, one step of each in turn)",
         "",
         format_results(report.results, engines, report.numel),
         "",
@@ -157,11 +157,11 @@ def format_report(report: BenchReport, engines: Sequence[str], threads: int | No
     yardsticks = [r.fused_adam_gb_per_s for r in report.results if r.fused_adam_gb_per_s is not None]
     if yardsticks:
         parts.append(
-            f"fused Adam = {YARDSTICK} on the same tensors, stepped in the same rounds as each row: "
+            f"fused Adam = {YARDSTICK} on the same values, stepped in the same rounds as each row: "
             f"{min(yardsticks):.1f} to {max(yardsticks):.1f} GB/s"
         )
     elif report.torch_fused_adam_gb_per_s is not None:
-        parts.append(f"fused Adam = {YARDSTICK} on the same tensors: {report.torch_fused_adam_gb_per_s:.1f} GB/s")
+        parts.append(f"fused Adam = {YARDSTICK} on the same values: {report.torch_fused_adam_gb_per_s:.1f} GB/s")
     if report.ceiling is not None:
         parts += ["", _format_ceiling(report.ceiling)]
     if report.scaling is not None:
