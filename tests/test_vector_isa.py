@@ -86,3 +86,30 @@ def test_an_unreadable_record_is_checked_again_and_rewritten(cache: Path) -> Non
 def test_without_a_compiler_nothing_is_recorded(cache: Path) -> None:
     assert _vector_isa.remembered_vector_isa_options(None) == {}
     assert not (cache / "torchupdates").exists()
+
+
+def test_the_sets_are_checked_at_once() -> None:
+    # Each check compiles and loads a probe (seconds each): they run side by side, and every
+    # set the CPU reports is checked before Inductor's own pass reads the answers.
+    import threading
+    from types import SimpleNamespace
+
+    names = ["avx2", "avx512", "amx"]
+    together = threading.Barrier(len(names), timeout=10)
+    checked: list[str] = []
+
+    class FakeSet:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __str__(self) -> str:
+            return self.name
+
+        def __bool__(self) -> bool:
+            together.wait()  # raises BrokenBarrierError unless all checks run at once
+            checked.append(self.name)
+            return True
+
+    inductor = SimpleNamespace(supported_vec_isa_list=[FakeSet(name) for name in [*names, "vsx"]])
+    _vector_isa._check_concurrently(inductor, sorted(names))
+    assert sorted(checked) == sorted(names)

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ def _remembered(compiler: str) -> dict[str, bool]:
     if isinstance(saved, dict) and saved.get("key") == key:
         usable = saved.get("usable")
     else:
+        _check_concurrently(cpu_vec_isa, reported)
         usable = sorted(str(isa) for isa in cpu_vec_isa.valid_vec_isa_list())
         record.parent.mkdir(parents=True, exist_ok=True)
         partial = record.with_suffix(f".{os.getpid()}.tmp")
@@ -68,6 +70,17 @@ def _remembered(compiler: str) -> dict[str, bool]:
     # The same setting whether the check ran now or earlier: Inductor's settings are part of
     # its cache keys, so the kernels cached by the first process serve the later ones.
     return {"cpp.vec_isa_ok": True} if usable == reported else {}
+
+
+def _check_concurrently(cpu_vec_isa: Any, reported: list[str]) -> None:
+    """Run Inductor's check of each reported set at once, one thread each: each check
+    compiles a probe with the C++ compiler and loads it in a child process (about 2 s a set
+    on the development machine), and Inductor keeps each answer for the process, so its own
+    pass over the sets that follows only reads them."""
+    candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list if str(isa) in reported]
+    if len(candidates) > 1:
+        with ThreadPoolExecutor(len(candidates)) as pool:
+            list(pool.map(bool, candidates))
 
 
 def _reported_sets(cpu_vec_isa: Any) -> list[str]:
