@@ -143,3 +143,27 @@ def pairs_for_slot(stages: Sequence[Stage], slot: Slot, proposal: Tensor | None,
             counter = slot.counters[stage.step_key]
             pairs.append((counter, torch.full_like(counter, t)))
     return pairs
+
+
+def number_tensor(position: int, value: float, dtype: torch.dtype) -> Tensor:
+    """A 0-d CPU tensor of ``dtype`` holding ``value`` rounded to it, for the scalar operand
+    at ``position`` of one call. Never written to (engines only read their scalars), it is
+    kept and handed out again for the same position, value and dtype: the same numbers recur
+    at every step (a learning rate, ``1 - rho``), and making a tensor costs microseconds. One
+    call asking for several positions gets distinct tensors even for equal values."""
+    key = (position, value, dtype)
+    # 0.0 equals -0.0 and NaN equals nothing: their tensors are made afresh.
+    kept = value and value == value
+    tensor = _NUMBERS.get(key) if kept else None
+    if tensor is None:
+        tensor = torch.tensor(value, dtype=dtype)
+        if kept:
+            if len(_NUMBERS) >= _KEPT_NUMBERS:
+                _NUMBERS.clear()  # one atomic step, whatever other threads do meanwhile
+            _NUMBERS[key] = tensor
+    return tensor
+
+
+_KEPT_NUMBERS = 4096
+_NUMBERS: dict[tuple[int, float, torch.dtype], Tensor] = {}
+"""The tensors :func:`number_tensor` made, by position, value and dtype."""

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..formula import Graph, Scalar, Symbol, needs_wide_sqrt, numpy_sqrt
-from ._chain import Slot, Stage, run_chain
+from ._chain import Slot, Stage, number_tensor, run_chain
 from ._flat import dense_strides
 from ._program import Program, compile_program
 from ._workers import run_tasks
@@ -202,7 +202,10 @@ def _constants(values: Sequence[Scalar], dtype: torch.dtype) -> tuple[Scalar, ..
     """
     if dtype not in (torch.float32, torch.float64):
         return tuple(values)
-    return tuple(value.to(dtype) if isinstance(value, Tensor) else torch.tensor(value, dtype=dtype) for value in values)
+    return tuple(
+        value.to(dtype) if isinstance(value, Tensor) else number_tensor(position, float(value), dtype)
+        for position, value in enumerate(values)
+    )
 
 
 def _compile(

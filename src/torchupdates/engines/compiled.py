@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..formula import ELEMENTWISE, PROBE_SCALAR, Graph, Node, ScalarKind, Symbol, probe_operands, scalar_kind
-from ._chain import Batch, Slot, Stage, fits, pairs_for_slot, run_chain
+from ._chain import Batch, Slot, Stage, fits, number_tensor, pairs_for_slot, run_chain
 from ._flat import PLAIN_TENSORS, FlatBucket, local, real
 from ._vector_isa import remembered_vector_isa_options
 from .reference import propose_reference
@@ -126,32 +126,13 @@ def _coefficients(values: Sequence[object], device: torch.device) -> tuple[Tenso
     ``1 - rho``), so their tensors are kept and reused, one per position: one call never
     gets the same tensor twice, which torch.compile would guard on."""
     return tuple(
-        _number_tensor(position, value)
+        number_tensor(position, value, torch.float64)
         if type(value) is float
         else _tensor_coefficient(value, device)
         if isinstance(value, Tensor)
-        else _number_tensor(position, float(cast(Real, value)))
+        else number_tensor(position, float(cast(Real, value)), torch.float64)
         for position, value in enumerate(values)
     )
-
-
-def _number_tensor(position: int, value: float) -> Tensor:
-    key = (position, value)
-    # 0.0 equals -0.0 and NaN equals nothing: their tensors are made afresh.
-    tensor = _NUMBERS.get(key) if value and value == value else None
-    if tensor is None:
-        tensor = torch.tensor(value, dtype=torch.float64)
-        if value and value == value:
-            if len(_NUMBERS) >= _KEPT_NUMBERS:
-                _NUMBERS.clear()  # one atomic step, whatever other threads do meanwhile
-            _NUMBERS[key] = tensor
-    return tensor
-
-
-_KEPT_NUMBERS = 4096
-_NUMBERS: dict[tuple[int, float], Tensor] = {}
-"""0-d float64 CPU tensors of the numbers kernels were called with, by position and value
-(never written to: a kernel only reads its coefficients)."""
 
 
 def _tensor_coefficient(value: Tensor, device: torch.device) -> Tensor:
