@@ -65,8 +65,9 @@ class Optimizer(torch.optim.Optimizer):
         The update rule, e.g. ``torchupdates.rules.ADAM``.
     engine : {"foreach", "reference", "compiled"}, optional
         ``"foreach"`` (default) runs each formula over all tensors of a device, dtype and
-        group at once; ``"reference"`` runs one tensor at a time. In float64 both give
-        bitwise identical results. See :mod:`torchupdates.engines` for every engine.
+        group at once (on CUDA over flat buffers the tensors become views of);
+        ``"reference"`` runs one tensor at a time; ``"compiled"`` fuses each batch's
+        formulas into one kernel. See :mod:`torchupdates.engines` for every engine.
     state_dtype : torch.dtype, optional
         Dtype for state and arithmetic of parameters of lower precision, e.g.
         ``torch.float32`` for bfloat16 parameters. Parameters of this or higher precision
