@@ -193,27 +193,26 @@ def run_scaling(
     warmup: int,
     pairs: Sequence[ScalingPair] | None = None,
 ) -> ScalingReport:
-    """Step every implementation on every layout of ``pairs`` (default: :data:`SCALING`),
-    all of them interleaved in one set of rounds (so that the machine's drift hits the few
-    and the many tensors of a pair alike), and report the median step times and each pair's
-    ratio ``many / few``."""
+    """Step every implementation on both layouts of each pair of ``pairs`` (default:
+    :data:`SCALING`), a pair's layouts interleaved in one set of rounds (so that the machine's
+    drift hits its few and its many tensors alike, and no other pair's steps run between
+    them), and report the median step times and each pair's ratio ``many / few``."""
     pairs = SCALING if pairs is None else pairs
     report = ScalingReport()
-    wanted = ((tensors, numel if size is None else size) for pair in pairs for tensors, size in (pair.few, pair.many))
-    keys = list(dict.fromkeys(wanted))
-    steppers: dict[str, Callable[[], object]] = {}
-    for key in keys:
-        params = make_params(Workload.equal(key[1], key[0]).shapes, dtype, device)
-        steppers.update({f"{label} @ {key}": build(params).step for label, build in implementations.items()})
-    medians = interleaved_medians(steppers, repeat, warmup, device)
-    del steppers
-    seconds = {key: {label: medians[f"{label} @ {key}"] for label in implementations} for key in keys}
-    for key in keys:
-        label = _layout_label(*key)
-        report.layouts.append({"tensors": key[0], "numel": key[1], "label": label, "seconds": seconds[key]})
     for pair in pairs:
         few = (pair.few[0], numel if pair.few[1] is None else pair.few[1])
         many = (pair.many[0], numel if pair.many[1] is None else pair.many[1])
+        steppers: dict[str, Callable[[], object]] = {}
+        for key in (few, many):
+            params = make_params(Workload.equal(key[1], key[0]).shapes, dtype, device)
+            steppers.update({f"{label} @ {key}": build(params).step for label, build in implementations.items()})
+        medians = interleaved_medians(steppers, repeat, warmup, device)
+        del steppers
+        seconds = {key: {label: medians[f"{label} @ {key}"] for label in implementations} for key in (few, many)}
+        for key in (few, many):
+            label = _layout_label(*key)
+            if all(layout["label"] != label for layout in report.layouts):
+                report.layouts.append({"tensors": key[0], "numel": key[1], "label": label, "seconds": seconds[key]})
         ratio = {label: seconds[many][label] / seconds[few][label] for label in implementations}
         report.ratios.append(
             {"many": _layout_label(*many), "few": _layout_label(*few), "target": pair.target, "ratio": ratio}
