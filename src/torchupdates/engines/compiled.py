@@ -611,8 +611,8 @@ class CompiledEngine:
         device = bucket.buffers["param"].device
         return _program(graph, leaves, outputs, dtypes, first.work_dtype, device)
 
+    @staticmethod
     def _propose(
-        self,
         stages: Sequence[Stage],
         members: Sequence[Slot],
         bucket: FlatBucket,
