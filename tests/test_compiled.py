@@ -219,19 +219,25 @@ def test_equal_and_recurring_coefficients_neither_recompile_nor_mix_up() -> None
         assert_same(compiled, params, eager, twins)
 
 
-def test_step_counters_written_between_steps_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The steady state knows its counters' values without reading them, until anyone else
-    # writes to one: all reset alike, then one alone (a batch of its own step count).
+def repeat_results(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each call of the compiled engine's steady state (``run_repeat``) returns, in order."""
     from torchupdates.engines.compiled import CompiledEngine
 
-    repeated = []
+    results: list[bool] = []
     original = CompiledEngine.run_repeat
 
     def spy(self: CompiledEngine, *args: object) -> bool:
-        repeated.append(original(self, *args))  # type: ignore[arg-type]
-        return repeated[-1]
+        results.append(original(self, *args))  # type: ignore[arg-type]
+        return results[-1]
 
     monkeypatch.setattr(CompiledEngine, "run_repeat", spy)
+    return results
+
+
+def test_step_counters_written_between_steps_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counters written between steady-state steps are read at the next step: all reset
+    # alike, then one alone (a batch of its own step count).
+    repeated = repeat_results(monkeypatch)
     params, twins = ([torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)] for _ in "ab")
     for p in params + twins:
         p.requires_grad_(True)
@@ -288,16 +294,7 @@ def test_steady_state_steps_skip_the_slots_and_stay_exact(
     # numbers: in place when it keeps its .grad tensors, copying them in when backward makes
     # new ones (torch's default zero_grad()); with the guards too, the clipping factor then
     # applied inside the kernel.
-    from torchupdates.engines.compiled import CompiledEngine
-
-    repeated = []
-    original = CompiledEngine.run_repeat
-
-    def spy(self: CompiledEngine, *args: object) -> bool:
-        repeated.append(original(self, *args))  # type: ignore[arg-type]
-        return repeated[-1]
-
-    monkeypatch.setattr(CompiledEngine, "run_repeat", spy)
+    repeated = repeat_results(monkeypatch)
     runs = []
     for engine in ("foreach", "compiled"):
         torch.manual_seed(0)
