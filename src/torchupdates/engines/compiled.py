@@ -126,9 +126,7 @@ def _coefficients(values: Sequence[object], device: torch.device) -> tuple[Tenso
     ``1 - rho``), so their tensors are kept and reused, one per position: one call never
     gets the same tensor twice, which torch.compile would guard on."""
     return tuple(
-        number_tensor(position, value, torch.float64)
-        if type(value) is float
-        else _tensor_coefficient(value, device)
+        _tensor_coefficient(value, device)
         if isinstance(value, Tensor)
         else number_tensor(position, float(cast(Real, value)), torch.float64)
         for position, value in enumerate(values)

@@ -316,8 +316,7 @@ class ForeachEngine(CompiledEngine):
             for stage, t in zip(stages, steps, strict=True)
             if stage.step_key is not None and t is not None
         }
-        length = next(iter(bucket.buffers.values())).numel()
-        for start in range(0, length, FLAT_CHUNK_ELEMENTS):
+        for start in range(0, bucket.buffers["param"].numel(), FLAT_CHUNK_ELEMENTS):
             buffers = {role: buffer[start : start + FLAT_CHUNK_ELEMENTS] for role, buffer in bucket.buffers.items()}
             state = {key: buffers[key] for key in first.state}
             chunk = Slot(buffers["param"], buffers["grad"], state, counters, 0, steps, first.applies, first.work_dtype)
