@@ -517,16 +517,52 @@ def test_flat_buffer_path_equals_reference(
 SHAPES = [(7, 5), (3,), (), (2, 3, 4)]
 
 
-def test_cpu_steps_leave_the_tensors_where_they_are() -> None:
-    # Only on a CUDA device does the foreach engine move parameters into flat buffers.
-    params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
-    addresses = [p.data_ptr() for p in params]
-    opt = torchupdates.adam(params, 0.1)
-    for _ in range(3):
-        for p in params:
-            p.grad = torch.ones_like(p)
-        grads = [p.grad for p in params]
-        opt.step()
-        assert all(p.grad is g for p, g in zip(params, grads, strict=True))  # not re-pointed
-    assert [p.data_ptr() for p in params] == addresses
-    assert not opt._engine_runner().may_repeat()
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("set_to_none", [False, True], ids=["grads kept", "new grads"])
+def test_cpu_steady_state_reads_gradients_where_they_are(
+    monkeypatch: pytest.MonkeyPatch, case: str, set_to_none: bool
+) -> None:
+    # On the CPU the foreach engine keeps parameters and state in flat buffers and, from the
+    # second step on, steps from .grad without per-parameter slots. The gradients stay the
+    # caller's tensors whatever their layout: read where they are, never copied into a buffer
+    # or re-pointed, so a gradient changed in place is read anew.
+    from torchupdates.engines.compiled import CompiledEngine
+
+    repeated: list[bool] = []
+    original = CompiledEngine.run_repeat
+    monkeypatch.setattr(CompiledEngine, "run_repeat", lambda *a: repeated.append(original(*a)) or repeated[-1])
+    init, grads, state_dtype = _problem(case)
+    runs = []
+    for engine in ("reference", "foreach"):
+        params = _leaves(init)
+        opt = CHAINS["nesterov(amsgrad)"](params, engine, state_dtype=state_dtype)
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                if set_to_none or p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            held = [p.grad for p in params]
+            opt.step()
+            assert all(p.grad is g for p, g in zip(params, held, strict=True)), "a .grad was re-pointed"
+        runs.append((opt, params))
+    _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+    assert repeated == [True] * (len(grads) - 1)  # the first step builds the buffers
+
+
+def test_pieces_end_to_end_run_in_place() -> None:
+    # Small tensors side by side in one buffer (a flat bucket's ranges) run where they lie;
+    # anything else is staged: a gap, another order, another storage, dtype or layout.
+    buffer = torch.arange(20.0)
+    a, b, c = buffer[0:6].view(2, 3), buffer[6:10], buffer[10:20]
+    joined = _cpu._end_to_end([a, b, c], torch.float32, 20)
+    assert joined is not None and joined.data_ptr() == buffer.data_ptr() and torch.equal(joined, buffer)
+    assert _cpu._end_to_end([a, c], torch.float32, 16) is None  # a gap
+    assert _cpu._end_to_end([b, a], torch.float32, 10) is None  # out of order
+    assert _cpu._end_to_end([a, b], torch.float64, 10) is None  # another dtype
+    assert _cpu._end_to_end([buffer[0:6].view(3, 2).t(), b], torch.float32, 10) is None  # not contiguous
+    assert _cpu._end_to_end([b], torch.float32, 4) is None  # one piece: nothing to join
+    # The same memory as b, through a storage of its own: the joined view must lie in one.
+    other_storage = torch.from_numpy(buffer.numpy()[6:10])
+    assert other_storage.data_ptr() == b.data_ptr()
+    assert _cpu._end_to_end([a, other_storage], torch.float32, 10) is None

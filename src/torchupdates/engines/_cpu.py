@@ -279,21 +279,50 @@ def _staged_tasks(job: _Job, pieces: list[list[Tensor]]) -> list[Callable[[], No
 
 
 def _run_group(job: _Job, group: list[list[Tensor]], size: int) -> None:
-    """Copy the group's pieces into this thread's staging registers, run, copy results back."""
+    """Run the group's pieces: each role's pieces in place where they lie end to end in
+    memory (a flat buffer's ranges), else copied into this thread's staging register first
+    (and the results copied back)."""
     staging = _BUFFERS.get(job.dtype, job.leaves + job.program.scratch, job.chunk)[: job.leaves]
     shapes = tuple(tensors[0].shape for tensors in group)
-    views = [_BUFFERS.shaped(job.dtype, role, staging[role], shapes) for role in range(job.leaves)]
     flat = len(shapes[0]) == 1 and all(len(shape) == 1 for shape in shapes)
-    for role in job.program.reads:
-        sources = [tensors[role] for tensors in group]
-        if flat and all(t.dtype == job.dtype for t in sources):
-            torch.cat(sources, out=staging[role][:size])  # one copy kernel for 1-D pieces
+    leaves: list[Tensor] = []
+    staged: list[int] = []
+    for role in range(job.leaves):
+        pieces = [tensors[role] for tensors in group]
+        joined = _end_to_end(pieces, job.dtype, size)
+        if joined is not None:
+            leaves.append(joined)
+            continue
+        leaves.append(staging[role][:size])
+        staged.append(role)
+        if role not in job.program.reads:
+            continue
+        if flat and all(t.dtype == job.dtype for t in pieces):
+            torch.cat(pieces, out=leaves[role])  # one copy kernel for 1-D pieces
         else:
-            _copy(sources, views[role])
-    registers = job.registers([buffer[:size] for buffer in staging], size)
-    job.program.run(*registers, *job.constants)
+            _copy(pieces, _BUFFERS.shaped(job.dtype, role, staging[role], shapes))
+    job.program.run(*job.registers(leaves, size), *job.constants)
     for role in job.program.outputs:
-        _copy(views[role], [tensors[role] for tensors in group])
+        if role in staged:
+            views = _BUFFERS.shaped(job.dtype, role, staging[role], shapes)
+            _copy(views, [tensors[role] for tensors in group])
+
+
+def _end_to_end(pieces: Sequence[Tensor], dtype: torch.dtype, size: int) -> Tensor | None:
+    """One 1-D tensor over the pieces' memory when they are contiguous tensors of ``dtype``
+    lying end to end in one storage, in order (``size`` elements in all); else ``None``."""
+    first = pieces[0]
+    if len(pieces) == 1 or first.dtype != dtype or not first.is_contiguous():
+        return None
+    width = first.element_size()
+    end = first.data_ptr()
+    for piece in pieces:
+        if piece.data_ptr() != end or piece.dtype != dtype or not piece.is_contiguous():
+            return None
+        end += piece.numel() * width
+    if pieces[-1].untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+        return None
+    return first.as_strided((size,), (1,), first.storage_offset())
 
 
 def _copy(sources: list[Tensor], targets: list[Tensor]) -> None:

@@ -36,7 +36,10 @@ def real(tensor: Tensor) -> Tensor:
 
 def dense_strides(tensor: Tensor) -> tuple[int, ...] | None:
     """The tensor's strides when its elements fill a block of memory without gaps or overlap
-    (contiguous, channels_last, any permutation), else ``None``."""
+    (contiguous, channels_last, any permutation), else ``None``. An empty tensor has no
+    elements to misplace: its strides, whatever they are."""
+    if tensor.numel() == 0:
+        return tuple(tensor.stride())
     expected = 1
     for size, stride in sorted(zip(tensor.shape, tensor.stride(), strict=True), key=lambda pair: pair[1]):
         if size == 1:
@@ -116,6 +119,7 @@ class FlatBucket:
         # second compilation for a bucket of one scalar. Padding is computed on and never read.
         self.buffers = {role: torch.zeros(max(total, 2), dtype=dtype, device=device) for role, dtype in roles.items()}
         self.counters: dict[str, Tensor] = {}
+        self._views: dict[str, list[Tensor]] = {}
         # Per role, the tensor last seen in each range (a view of it) and the range's address.
         self._held: dict[str, list[Tensor | None]] = {role: [None] * len(self.params) for role in roles}
         self._addresses = {
@@ -146,6 +150,14 @@ class FlatBucket:
 
     def view(self, role: str, index: int) -> Tensor:
         return self.spans[index].view(self.buffers[role])
+
+    def views(self, role: str) -> list[Tensor]:
+        """Every member's range of ``role``'s buffer, made once (new tensors, never handed to
+        the user: only the engine reads and writes through them)."""
+        views = self._views.get(role)
+        if views is None:
+            views = self._views[role] = [span.view(self.buffers[role]) for span in self.spans]
+        return views
 
     def holds(self, role: str, index: int, tensor: Tensor) -> bool:
         """Whether ``tensor`` is exactly member ``index``'s range of ``role``'s buffer."""

@@ -321,7 +321,8 @@ class _Run:
         self.bucket = bucket
         self.first = first
         self.params = [slot.param for slot in members]
-        self.grads = [slot.param.grad for slot in members]
+        # None: the kernel reads each step's gradients where they are (no gradient buffer).
+        self.grads = [slot.param.grad for slot in members] if "grad" in bucket.buffers else None
         self.entries: Sequence[Mapping[str, Any]] = ()
         self.addresses = _addresses(self.params)
         self.held: dict[str, list[Tensor]] = {}
@@ -339,10 +340,11 @@ class _Run:
     def unchanged(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], entries: Sequence[Mapping[str, Any]]
     ) -> list[int] | None:
-        """The members whose ``.grad`` must be copied in, when everything else is still the
-        bucket's views (nothing replaced, no ``.data`` of a parameter reassigned) and the step
-        counters agree; ``None`` otherwise. ``grads`` are the parameters' ``.grad`` now,
-        ``entries`` their state dictionaries.
+        """The members whose ``.grad`` must be copied in (none where the bucket keeps no
+        gradients), when everything else is still the bucket's views (nothing replaced, no
+        ``.data`` of a parameter reassigned), the step counters agree and each gradient a
+        kernel would read where it is fits its parameter; ``None`` otherwise. ``grads`` are the
+        parameters' ``.grad`` now, ``entries`` their state dictionaries.
 
         A new gradient tensor (torch's ``zero_grad()`` sets ``.grad`` to None, backward makes a
         new one) is the common case and is copied here, after the checks a step makes of any
@@ -369,6 +371,9 @@ class _Run:
             low, high = torch.aminmax(self.bucket.counters[key])
             if low != high:
                 return None
+        if self.grads is None:
+            plain = all(type(grad) in PLAIN_TENSORS for grad in grads)
+            return [] if plain and all(map(fits, grads, params)) else None
         # A gradient held from the last step is the bucket's own view (a run exists only when
         # every .grad was made one), so its identity is the check.
         if _all_are(grads, self.grads):
@@ -381,11 +386,12 @@ class _Run:
 
     def copy_grads(self, moved: Sequence[int]) -> None:
         """Copy the new gradients of ``moved`` members in, and make ``.grad`` the views."""
+        held = cast("list[Tensor]", self.grads)
         views = [self.bucket.view("grad", i) for i in moved]
         torch._foreach_copy_(views, [cast(Tensor, self.params[i].grad) for i in moved])
         for i, view in zip(moved, views, strict=True):
             if _point_grad_at(self.params[i], view):
-                self.grads[i] = view
+                held[i] = view
 
     def steps(self, stages: Sequence[Stage]) -> tuple[int | None, ...]:
         """The step numbers of this step, one past the counters'."""
@@ -397,16 +403,18 @@ class _Run:
 
 @dataclass(frozen=True)
 class _Repeat:
-    """A checked plan to step again: every batch's run, and the members whose new ``.grad``
-    must be copied into the bucket first."""
+    """A checked plan to step again: every batch's run, the members whose new ``.grad``
+    must be copied into the bucket first, and the gradients of each batch (read where they
+    are by a bucket without gradients)."""
 
     runs: list[_Run]
     copies: list[list[int]]
+    grads: list[Sequence[Tensor]]
 
     def gradient_buffers(self) -> list[Tensor] | None:
         """The flat gradient buffers, when they hold every gradient of the step already (no
         new ``.grad`` to copy in): the same values, in one tensor per batch."""
-        if any(self.copies):
+        if any(self.copies) or any(run.grads is None for run in self.runs):
             return None
         return [run.bucket.buffers["grad"] for run in self.runs]
 
@@ -487,6 +495,11 @@ class CompiledEngine:
         """The batches :meth:`takes` refuses, run another way."""
         return propose_reference(stages, members, hyperparameters, write)
 
+    def grads_in_bucket(self, device: torch.device) -> bool:
+        """Whether buckets on ``device`` keep the gradients too (copied in when replaced, and
+        ``.grad`` made their views), rather than a kernel reading them where they are."""
+        return True
+
     def run_kernel(
         self,
         stages: Sequence[Stage],
@@ -494,9 +507,11 @@ class CompiledEngine:
         first: Slot,
         steps: tuple[Any, ...],
         bucket: FlatBucket,
+        grads: Sequence[Tensor] | None = None,
     ) -> None:
         """Step the batch whose first member is ``first`` in its bucket's buffers, in place,
-        with step numbers ``steps``: the compiled kernel of its chain."""
+        with step numbers ``steps``: the compiled kernel of its chain. ``grads``: the members'
+        gradients, where the bucket keeps none (:meth:`grads_in_bucket`)."""
         program, coefficients = self._record(stages, hyperparameters, first, steps, bucket)
         _compiled(program.writing_source, bucket.parallel, bucket.device.type)(*bucket.buffers.values(), *coefficients)
 
@@ -531,7 +546,7 @@ class CompiledEngine:
             and all(map(operator.is_, state, seen[1]))
             and all(map(operator.is_, state.values(), seen[2]))
         )
-        looked_up, copies = [], []
+        looked_up, copies, run_grads = [], [], []
         for run in runs:
             group = run.first.group
             start = next(i for i, p in enumerate(params[group]) if p is run.params[0])
@@ -540,16 +555,18 @@ class CompiledEngine:
                 run_entries = run.entries if trusted else list(map(state.__getitem__, live))
             except KeyError:
                 return None
-            moved = run.unchanged(live, grads[group][start : start + len(run.params)], run_entries)
+            live_grads = grads[group][start : start + len(run.params)]
+            moved = run.unchanged(live, live_grads, run_entries)
             if moved is None:
                 return None
             looked_up.append(run_entries)
             copies.append(moved)
+            run_grads.append(live_grads)
         for run, run_entries in zip(runs, looked_up, strict=True):
             run.entries = run_entries
         if not trusted:
             self._state_seen = (state, list(state), list(state.values()))
-        return _Repeat(runs, copies)
+        return _Repeat(runs, copies, run_grads)
 
     def run_repeat(
         self, plan: _Repeat, stages: Sequence[Stage], hyperparameters: Sequence[Sequence[dict[str, Any]]]
@@ -559,11 +576,12 @@ class CompiledEngine:
         stage), so the caller steps the ordinary way."""
         if any(len(run.first.steps) != len(stages) for run in plan.runs):
             return False
-        for run, moved in zip(plan.runs, plan.copies, strict=True):
+        for run, moved, grads in zip(plan.runs, plan.copies, plan.grads, strict=True):
             if moved:
                 run.copy_grads(moved)
             steps = run.steps(stages)
-            self.run_kernel(stages, hyperparameters[run.first.group], run.first, steps, run.bucket)
+            in_place = None if run.grads is not None else grads
+            self.run_kernel(stages, hyperparameters[run.first.group], run.first, steps, run.bucket, in_place)
             for key, t in zip((s.step_key for s in stages), steps, strict=True):
                 if key is not None and t is not None:
                     run.bucket.counters[key].fill_(t)
@@ -575,7 +593,9 @@ class CompiledEngine:
         full_key = (key[:4], key[5:], ids)  # everything but the step counts
         bucket = self._buckets.get(full_key)
         if bucket is None or any(a is not b for a, b in zip(bucket.params, (s.param for s in members), strict=True)):
-            roles = {"param": real(first.param).dtype, "grad": real(first.grad).dtype}
+            roles = {"param": real(first.param).dtype}
+            if self.grads_in_bucket(first.param.device):
+                roles["grad"] = real(first.grad).dtype
             roles.update({key: real(tensor).dtype for key, tensor in first.state.items()})
             bucket = FlatBucket([slot.param for slot in members], roles, first.param.device, PARALLEL_ELEMENTS)
             # A parameter belongs to one bucket: drop older buckets of any of these parameters.
@@ -642,10 +662,12 @@ class CompiledEngine:
         """Write one batch's step; return whether every tensor is now a view of the bucket."""
         targets = {"param": [s.param for s in members], **{k: [s.state[k] for s in members] for k in members[0].state}}
         moved = {role: bucket.gather(role, tensors) for role, tensors in targets.items()}
-        moved_grads = bucket.gather("grad", [s.grad for s in members])
+        in_bucket = "grad" in bucket.buffers
+        moved_grads = bucket.gather("grad", [s.grad for s in members]) if in_bucket else []
         adopted = True
         with torch.no_grad():
-            self.run_kernel(stages, hyperparameters, members[0], members[0].steps, bucket)
+            grads = None if in_bucket else [s.grad for s in members]
+            self.run_kernel(stages, hyperparameters, members[0], members[0].steps, bucket, grads)
             for role, indices in moved.items():
                 for i in indices:
                     target = targets[role][i]

@@ -263,11 +263,16 @@ def _write_counters(stages: Sequence[Stage], members: Sequence[Slot]) -> None:
 
 
 class ForeachEngine(CompiledEngine):
-    """``engine="foreach"``: :func:`propose_foreach`, except for steps of plain tensors on a
-    CUDA device, which keep them in the compiled engine's flat buffers (and take its steady
-    state) and run the foreach lists over those buffers, one tensor per role: one launch per
-    operation serves every tensor of a batch, where lists of the tensors themselves cost
-    Python and launches per parameter."""
+    """``engine="foreach"``: :func:`propose_foreach`, except for steps of plain tensors on
+    the CPU or a CUDA device, which keep them in the compiled engine's flat buffers (and take
+    its steady state, which skips the per-parameter work while nothing was replaced).
+
+    On a CUDA device the gradients are kept there too, and the foreach lists run over the
+    buffers, one tensor per role: one launch per operation serves every tensor of a batch,
+    where lists of the tensors themselves cost Python and launches per parameter. On the CPU
+    the buffers hold the parameters and state only: the chunked program (:mod:`._cpu`) reads
+    each gradient where it is, and runs the parameters and state of small tensors, which lie
+    side by side in the buffers, without packing them first."""
 
     def __call__(
         self,
@@ -283,8 +288,11 @@ class ForeachEngine(CompiledEngine):
 
     @staticmethod
     def flattens(device: torch.device) -> bool:
-        """Whether steps on ``device`` run in flat buffers: on a CUDA device."""
-        return device.type == "cuda"
+        """Whether steps on ``device`` run in flat buffers: on the CPU and a CUDA device."""
+        return device.type in ("cpu", "cuda")
+
+    def grads_in_bucket(self, device: torch.device) -> bool:
+        return device.type != "cpu"
 
     def takes(self, members: Sequence[Slot]) -> bool:
         return (
@@ -309,6 +317,7 @@ class ForeachEngine(CompiledEngine):
         first: Slot,
         steps: tuple[Any, ...],
         bucket: FlatBucket,
+        grads: Sequence[Tensor] | None = None,
     ) -> None:
         # The bucket keeps the step counters: these only receive what the run would write.
         counters = {
@@ -316,11 +325,24 @@ class ForeachEngine(CompiledEngine):
             for stage, t in zip(stages, steps, strict=True)
             if stage.step_key is not None and t is not None
         }
-        for start in range(0, bucket.buffers["param"].numel(), FLAT_CHUNK_ELEMENTS):
-            buffers = {role: buffer[start : start + FLAT_CHUNK_ELEMENTS] for role, buffer in bucket.buffers.items()}
-            state = {key: buffers[key] for key in first.state}
-            chunk = Slot(buffers["param"], buffers["grad"], state, counters, 0, steps, first.applies, first.work_dtype)
-            for batch in propose_foreach(stages, [chunk], [hyperparameters], write=True):
+        applies, dtype = first.applies, first.work_dtype
+        runs: list[list[Slot]] = []
+        if grads is None:  # one slot per range of the buffers
+            for start in range(0, bucket.buffers["param"].numel(), FLAT_CHUNK_ELEMENTS):
+                buffers = {role: buffer[start : start + FLAT_CHUNK_ELEMENTS] for role, buffer in bucket.buffers.items()}
+                state = {key: buffers[key] for key in first.state}
+                runs.append([Slot(buffers["param"], buffers["grad"], state, counters, 0, steps, applies, dtype)])
+        else:  # one slot per member: its ranges of the buffers, and its gradient
+            held = [bucket.views(key) for key in first.state]
+            keys = list(first.state)
+            runs.append(
+                [
+                    Slot(param, grad, dict(zip(keys, views, strict=True)), counters, 0, steps, applies, dtype)
+                    for param, grad, *views in zip(bucket.views("param"), grads, *held, strict=True)
+                ]
+            )
+        for slots in runs:
+            for batch in propose_foreach(stages, slots, [hyperparameters], write=True):
                 for _, pairs in batch:
                     for target, value in pairs:
                         target.copy_(value)
