@@ -59,17 +59,24 @@ def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.fixture
-def fast_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    original = _cpu.run_batch
+def fast_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The chunked CPU programs that ran: ``run_batch`` (tensors where they are) or
+    ``run_flat`` (a flat bucket's parameters and state, the gradients where they are)."""
+    calls: list[str] = []
 
-    def counted(*args: Any, **kwargs: Any) -> bool:
-        handled = original(*args, **kwargs)
-        if handled:
-            calls.append(len(args[1]))
-        return handled
+    def count(name: str) -> None:
+        original = getattr(_cpu, name)
 
-    monkeypatch.setattr(_cpu, "run_batch", counted)
+        def counted(*args: Any, **kwargs: Any) -> bool:
+            handled: bool = original(*args, **kwargs)
+            if handled:
+                calls.append(name)
+            return handled
+
+        monkeypatch.setattr(_cpu, name, counted)
+
+    count("run_batch")
+    count("run_flat")
     return calls
 
 
@@ -158,13 +165,13 @@ def _run_both(build: Build, case: str) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("chain", list(CHAINS))
 @pytest.mark.usefixtures("workers")
-def test_cpu_step_equals_reference(chain: str, case: str, fast_path_calls: list[int]) -> None:
+def test_cpu_step_equals_reference(chain: str, case: str, fast_path_calls: list[str]) -> None:
     _run_both(CHAINS[chain], case)
     assert fast_path_calls, "the compiled CPU path did not run"
 
 
 @pytest.mark.parametrize("chain", ["adam", "adadelta", "nesterov(amsgrad)"])
-def test_without_numpy_roots(chain: str, monkeypatch: pytest.MonkeyPatch, fast_path_calls: list[int]) -> None:
+def test_without_numpy_roots(chain: str, monkeypatch: pytest.MonkeyPatch, fast_path_calls: list[str]) -> None:
     # Where NumPy is missing (or its root is not exact), float32 roots go through float64.
     monkeypatch.setattr(_cpu, "sqrt_mode", lambda dtype: "native" if dtype == torch.float64 else "wide")
     _run_both(CHAINS[chain], "direct float32")
@@ -198,7 +205,7 @@ def test_low_precision_params_with_float32_state(dtype: torch.dtype) -> None:
     _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
 
 
-def test_updates_and_step_agree(fast_path_calls: list[int]) -> None:
+def test_updates_and_step_agree(fast_path_calls: list[str]) -> None:
     # updates() runs the tensor-list path (its values must be new tensors); step() the CPU path.
     init, grads, _ = _problem("direct float32")
     pa, pb = _leaves(init), _leaves(init)
@@ -257,7 +264,7 @@ CUSTOM = {
 
 
 @pytest.mark.parametrize("name", list(CUSTOM))
-def test_custom_formulas(name: str, fast_path_calls: list[int]) -> None:
+def test_custom_formulas(name: str, fast_path_calls: list[str]) -> None:
     formula, state = CUSTOM[name]
     transform = _custom(formula, state)
     generator = torch.Generator().manual_seed(5)
@@ -281,7 +288,7 @@ def test_custom_formulas(name: str, fast_path_calls: list[int]) -> None:
 # --- memory shared between gradients and targets -----------------------------------------------
 
 
-def test_gradient_is_another_parameters_state(fast_path_calls: list[int]) -> None:
+def test_gradient_is_another_parameters_state(fast_path_calls: list[str]) -> None:
     # Parameter 1's gradient is parameter 0's velocity: read before anything is written, as
     # apply_updates(updates(x)) reads it.
     generator = torch.Generator().manual_seed(6)
@@ -520,12 +527,13 @@ SHAPES = [(7, 5), (3,), (), (2, 3, 4)]
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("set_to_none", [False, True], ids=["grads kept", "new grads"])
 def test_cpu_steady_state_reads_gradients_where_they_are(
-    monkeypatch: pytest.MonkeyPatch, case: str, set_to_none: bool
+    monkeypatch: pytest.MonkeyPatch, case: str, set_to_none: bool, fast_path_calls: list[str]
 ) -> None:
     # On the CPU the foreach engine keeps parameters and state in flat buffers and, from the
     # second step on, steps from .grad without per-parameter slots. The gradients stay the
     # caller's tensors whatever their layout: read where they are, never copied into a buffer
-    # or re-pointed, so a gradient changed in place is read anew.
+    # or re-pointed, so a gradient changed in place is read anew. Gradients laid out as their
+    # parameters, of the buffers' dtype, take run_flat; the others the general path.
     from torchupdates.engines.compiled import CompiledEngine
 
     repeated: list[bool] = []
@@ -548,6 +556,8 @@ def test_cpu_steady_state_reads_gradients_where_they_are(
         runs.append((opt, params))
     _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
     assert repeated == [True] * (len(grads) - 1)  # the first step builds the buffers
+    flat = case in {"direct float32", "float64", "channels_last", "float16", "bfloat16", "0-d and empty", "many small"}
+    assert fast_path_calls == ["run_flat" if flat else "run_batch"] * len(grads)
 
 
 def test_pieces_end_to_end_run_in_place() -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..formula import Graph, Scalar, Symbol, needs_wide_sqrt, numpy_sqrt
 from ._chain import Slot, Stage, number_tensor, run_chain
-from ._flat import dense_strides
+from ._flat import Span, dense_strides
 from ._program import Program, compile_program
 from ._workers import run_tasks
 
@@ -148,12 +148,10 @@ def run_batch(
             if type(tensor) not in _PLAIN or not tensor.is_cpu:
                 return False
         rows.append(tensors)
-    program = _compile(stages, hyperparameters, first, keys)
-    if not program.outputs:
+    job = _job(stages, hyperparameters, first, keys, chunk)
+    if job is None:
         return True
-    leaves = 2 + len(keys)
-    chunk = _chunk_elements(chunk, (leaves + program.scratch) * dtype.itemsize + 8 * program.wide)
-    job = _Job(program, _constants(program.constants, dtype), dtype, leaves, chunk)
+    chunk = job.chunk
     tasks: list[Callable[[], None]] = []
     staged: list[list[Tensor]] = []
     for tensors in rows:
@@ -170,12 +168,88 @@ def run_batch(
         else:
             staged += [[t[index] for t in tensors] for index in _blocks(tensors[0].shape, chunk)]
     tasks += _staged_tasks(job, staged)
+    _run(job, tasks, threads)
+    return True
+
+
+def run_flat(
+    stages: Sequence[Stage],
+    hyperparameters: Sequence[dict[str, Any]],
+    first: Slot,
+    buffers: Mapping[str, Tensor],
+    spans: Sequence[Span],
+    grads: Sequence[Tensor],
+    chunk: int,
+    threads: int = 1,
+) -> bool:
+    """Step a flat bucket in place: ``buffers`` hold the members' parameters and state (one
+    range per member, ``spans``), ``grads`` are the members' gradients, read where they are.
+    A large member runs in chunks of its own ranges; small neighbours run together, on their
+    ranges of the buffers as they lie, with their gradients packed into one register.
+    ``first`` carries this step's numbers and which stages apply.
+
+    Returns ``False``, having done nothing, unless every buffer has the working dtype (of
+    ``first``, any member) and every gradient is a plain real CPU tensor of that dtype laid
+    out as its member's range and outside the buffers: :func:`run_batch` takes the rest.
+    """
+    dtype = first.work_dtype
+    keys = list(first.state)
+    targets = [buffers["param"], *(buffers[key] for key in keys)]
+    if any(buffer.dtype != dtype for buffer in targets):
+        return False
+    bounds = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in targets]
+    for grad, span in zip(grads, spans, strict=True):
+        if type(grad) not in _PLAIN or grad.dtype != dtype or not grad.is_cpu:
+            return False  # complex gradients too (the buffers are real)
+        if grad.stride() != span.strides and grad.numel():
+            return False
+        address = grad.data_ptr()
+        if any(low <= address < high for low, high in bounds):
+            return False  # the gradient is a target's memory: run_batch copies it first
+    job = _job(stages, hyperparameters, first, keys, chunk)
+    if job is None:
+        return True
+    tasks: list[Callable[[], None]] = []
+    group: list[Tensor] = []
+    start = size = 0
+    for grad, span in zip(grads, spans, strict=True):
+        numel = grad.numel()
+        if numel * 4 >= job.chunk or size + numel > job.chunk:
+            if group:
+                tasks.append(functools.partial(_run_packed, job, [t[start : start + size] for t in targets], group))
+            group, start, size = [], span.offset, 0
+        if numel * 4 >= job.chunk:
+            ranges = [t[span.offset : span.offset + numel] for t in targets]
+            tasks += _direct_tasks(job, [ranges[0], grad, *ranges[1:]], numel)
+            start = span.offset + numel
+        elif numel:
+            group.append(grad)
+            size += numel
+    if group:
+        tasks.append(functools.partial(_run_packed, job, [t[start : start + size] for t in targets], group))
+    _run(job, tasks, threads)
+    return True
+
+
+def _run(job: _Job, tasks: Sequence[Callable[[], None]], threads: int) -> None:
     # torch spreads each operation over the caller's threads itself (OpenMP, whose threads are
     # still spinning from the caller's last operations, e.g. a backward pass: waking workers
     # then leaves them a core short). NumPy's square root runs on one thread: programs using
     # it run their chunks on workers, one chunk per core.
-    run_tasks(tasks, threads if program.numpy else 1)
-    return True
+    run_tasks(tasks, threads if job.program.numpy else 1)
+
+
+def _job(
+    stages: Sequence[Stage], hyperparameters: Sequence[dict[str, Any]], first: Slot, keys: list[str], chunk: int
+) -> _Job | None:
+    """What every chunk of the batch of ``first`` shares; ``None`` when its chain writes nothing."""
+    dtype = first.work_dtype
+    program = _compile(stages, hyperparameters, first, keys)
+    if not program.outputs:
+        return None
+    leaves = 2 + len(keys)
+    chunk = _chunk_elements(chunk, (leaves + program.scratch) * dtype.itemsize + 8 * program.wide)
+    return _Job(program, _constants(program.constants, dtype), dtype, leaves, chunk)
 
 
 CHUNK_BYTES = 8 << 20
@@ -306,6 +380,16 @@ def _run_group(job: _Job, group: list[list[Tensor]], size: int) -> None:
         if role in staged:
             views = _BUFFERS.shaped(job.dtype, role, staging[role], shapes)
             _copy(views, [tensors[role] for tensors in group])
+
+
+def _run_packed(job: _Job, targets: list[Tensor], grads: list[Tensor]) -> None:
+    """Run neighbouring members: ``targets`` are their parameters' and state's ranges of the
+    buffers, their gradients are packed into this thread's gradient register first."""
+    size = targets[0].numel()
+    packed = _BUFFERS.get(job.dtype, job.leaves + job.program.scratch, job.chunk)[1][:size]
+    if 1 in job.program.reads:
+        torch.cat([_flat(grad) for grad in grads], out=packed)
+    job.program.run(*job.registers([targets[0], packed, *targets[1:]], size), *job.constants)
 
 
 def _end_to_end(pieces: Sequence[Tensor], dtype: torch.dtype, size: int) -> Tensor | None:

@@ -319,6 +319,13 @@ class ForeachEngine(CompiledEngine):
         bucket: FlatBucket,
         grads: Sequence[Tensor] | None = None,
     ) -> None:
+        if grads is not None and not torch.compiler.is_compiling():
+            this_step = first if first.steps == steps else dataclasses.replace(first, steps=steps)
+            spans = bucket.spans
+            if _cpu.run_flat(
+                stages, hyperparameters, this_step, bucket.buffers, spans, grads, CPU_CHUNK_ELEMENTS, cpu_workers()
+            ):
+                return
         # The bucket keeps the step counters: these only receive what the run would write.
         counters = {
             stage.step_key: torch.zeros((), dtype=torch.int64)
