@@ -386,9 +386,17 @@ def _run_packed(job: _Job, targets: list[Tensor], grads: list[Tensor]) -> None:
     """Run neighbouring members: ``targets`` are their parameters' and state's ranges of the
     buffers, their gradients are packed into this thread's gradient register first."""
     size = targets[0].numel()
-    packed = _BUFFERS.get(job.dtype, job.leaves + job.program.scratch, job.chunk)[1][:size]
+    register = _BUFFERS.get(job.dtype, job.leaves + job.program.scratch, job.chunk)[1]
+    packed = register[:size]
     if 1 in job.program.reads:
-        torch.cat([_flat(grad) for grad in grads], out=packed)
+        # One copy kernel for 1-D pieces; else one call copying each gradient into its place
+        # (viewed with its shape: contiguous, its memory order), or pieces in memory order.
+        if all(grad.dim() == 1 for grad in grads):
+            torch.cat(grads, out=packed)
+        elif all(grad.is_contiguous() for grad in grads):
+            _copy(grads, _BUFFERS.shaped(job.dtype, 1, register, tuple(grad.shape for grad in grads)))
+        else:
+            torch.cat([_flat(grad) for grad in grads], out=packed)
     job.program.run(*job.registers([targets[0], packed, *targets[1:]], size), *job.constants)
 
 
