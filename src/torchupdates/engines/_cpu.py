@@ -10,7 +10,12 @@ single-tensor calls with ``out=`` (:mod:`._program`), which then runs chunk by c
   written straight into the parameter and state;
 * a *staged* chunk packs small tensors (and blocks of large tensors that cannot be viewed
   alike) into staging buffers (one ``torch.cat`` or foreach copy per role), runs there, and
-  copies the new parameters and state back with one foreach copy per role.
+  copies the new parameters and state back with one foreach copy per role; a role whose
+  pieces lie end to end in memory (a flat buffer's ranges) runs where it lies instead.
+
+:func:`run_flat` steps a flat bucket (:mod:`._flat`) that holds the parameters and state:
+large members in direct chunks of their ranges, small neighbours together on their ranges
+as they lie, only their gradients packed. :func:`run_batch` steps any batch of plain tensors.
 
 Either way a chunk's operands and temporaries (a few scratch buffers per thread, reused by
 every chunk and every step) stay in cache, and nothing is allocated. A chunk holds at most

@@ -1,13 +1,15 @@
-"""The foreach engine: parameters batched into tensor lists, one kernel per operation.
+"""The foreach engine: parameters batched, each operation one kernel over many tensors.
 
-A step on CPU (plain tensors) runs each batch through :mod:`._cpu`: the formulas recorded once
-per batch and compiled into single-tensor calls with ``out=`` over preallocated registers, run
-over cache-sized chunks (on worker threads where that pays, :mod:`._workers`). Gradients that
-share memory with a parameter or its state are copied first. Everything else (other devices, whose multi-tensor
-kernels want whole lists; update dictionaries, whose values must be new tensors; tensor
-subclasses such as DTensor) records and runs tensor lists as below. A step of plain tensors
-on a CUDA device runs those lists over the compiled engine's flat buffers
-(:class:`ForeachEngine`).
+A step of plain CPU or CUDA tensors keeps a batch's parameters and state in the compiled
+engine's flat buffers (:class:`ForeachEngine`). On CPU it runs the batch through :mod:`._cpu`:
+the formulas recorded once and compiled into single-tensor calls with ``out=`` over
+preallocated registers, run over cache-sized chunks of the buffers (on worker threads where
+that pays, :mod:`._workers`), with the gradients read where they are. On CUDA the gradients
+are kept in the buffers too, and the recorded tensor lists below run over one tensor per
+role. Everything else (other devices, whose multi-tensor kernels want whole lists; update
+dictionaries, whose values must be new tensors; tensor subclasses such as DTensor) records
+and runs tensor lists of the tensors themselves, in chunks through :mod:`._cpu` on CPU
+(gradients that share memory with a parameter or its state copied first).
 """
 
 from __future__ import annotations
