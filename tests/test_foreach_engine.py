@@ -486,12 +486,13 @@ def test_program_refuses_outputs_into_read_only_leaves() -> None:
 def test_flat_buffer_path_equals_reference(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, set_to_none: bool
 ) -> None:
-    # On a CUDA device the foreach engine keeps plain tensors in the compiled engine's flat
-    # buffers and runs its tensor lists over them. Forced onto the CPU here (chains whose
-    # operations eager CPU torch rounds correctly: no float32 square root), and checked on
-    # CUDA by tests/test_cuda.py for every rule.
-    monkeypatch.setattr(foreach_engine.ForeachEngine, "flattens", staticmethod(lambda device: True))
+    # On a CUDA device the foreach engine keeps plain tensors, gradients included, in the
+    # compiled engine's flat buffers and runs its tensor lists over them. Forced onto the CPU
+    # here (chains whose operations eager CPU torch rounds correctly: no float32 square root),
+    # and checked on CUDA by tests/test_cuda.py for every rule.
+    monkeypatch.setattr(foreach_engine.ForeachEngine, "grads_in_bucket", lambda self, device: True)
     monkeypatch.setattr(_cpu, "run_batch", lambda *args: False)  # tensor lists, as on a GPU
+    monkeypatch.setattr(_cpu, "run_flat", lambda *args: pytest.fail("the CPU program ran"))
     monkeypatch.setattr(foreach_engine, "FLAT_CHUNK_ELEMENTS", 16)  # several ranges per buffer
     chains: list[Build] = [
         lambda p, e: torchupdates.apply_nesterov_momentum(torchupdates.momentum(p, 0.1, engine=e), p[1:], momentum=0.5)
