@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torchupdates as updates
+from compiler import needs_compiler
 from torchupdates.registry import RULE_NAMES as RULES
 
 DECAYS = {
@@ -179,6 +180,24 @@ def test_failed_step_raises_and_writes_nothing(action, exc, match, engine):
     with pytest.raises(exc, match=match):
         action(setup)
     assert_unchanged(setup.opt, snap)
+
+
+@pytest.mark.parametrize("engine", ["reference", "foreach", pytest.param("compiled", marks=needs_compiler)])
+def test_parameter_reshaped_after_its_state_was_made_fails_the_step(engine):
+    # p.data replaced by a tensor of another shape after the first steps (the same number of
+    # elements, so nothing else notices): a clear error naming the state and both shapes,
+    # raised before anything is written.
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    opt = updates.apply_momentum(updates.adam([w, b], 0.1, engine=engine))
+    for _ in range(2):
+        w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+        opt.step()
+    w.data = torch.randn(3, 4)
+    w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match=r"state 'm' of parameter 0 .*has shape \(4, 3\).*parameter \(3, 4\)"):
+        opt.step()
+    assert_unchanged(opt, snap)
 
 
 def test_tensor_hyperparameter_made_invalid_in_place_fails_the_step():

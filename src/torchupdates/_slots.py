@@ -169,7 +169,8 @@ def make_slot(
         steps.append(None)
         if not acts:
             continue
-        formula_state.update({key: state[key] for key in stage.state_keys.values()})
+        for key in stage.state_keys.values():
+            formula_state[key] = _fitting_state(state[key], key, position, group, param)
         if stage.step_key is not None:
             counter = counters[stage.step_key] = state[stage.step_key]
             # t = counter + 1; traced, a tensor: reading the counter would break the graph.
@@ -178,6 +179,20 @@ def make_slot(
     numbers = cast("tuple[int | None, ...]", tuple(steps))
     work = work_dtype(param, state_dtype)
     return Slot(param, grad, formula_state, counters, group, numbers, tuple(applies), work)
+
+
+def _fitting_state(tensor: Tensor, key: str, position: int, group: int, param: Tensor) -> Tensor:
+    """The state tensor ``key`` of a parameter when it has the parameter's shape and device,
+    else a ``ValueError``: the parameter was replaced (``p.data = ...``, a model moved) after
+    its state was made, and no step may combine the two."""
+    if tensor.shape == param.shape and tensor.device == param.device:
+        return tensor
+    raise ValueError(
+        f"the state {key!r} of {describe(position, param, group)} has shape {tuple(tensor.shape)} on "
+        f"{tensor.device}, the parameter {tuple(param.shape)} on {param.device}: the parameter changed after "
+        "its state was made. After moving a model, opt.load_state_dict(opt.state_dict()) moves the state "
+        "with it; a parameter of another shape needs a new optimizer"
+    )
 
 
 def traced_batches(stages: Sequence[Stage], slots: Sequence[Slot], values: Values) -> Iterator[Batch]:
