@@ -1,13 +1,15 @@
-"""The compiled engine's two gradient paths, beside torch.optim.Adam(fused=True).
+"""The two gradient paths of the engines that keep flat buffers, beside torch.optim's Adam.
 
-``in place``: ``.grad`` stays the tensor the engine made a view of its flat buffer (a loop that
-zeroes gradients with ``zero_grad(set_to_none=False)``, or accumulates), so a step reads the
-gradients where they are. ``copy``: every step finds a new ``.grad`` tensor (torch's default
-``zero_grad()`` sets gradients to None and backward allocates new ones), so the step first
-copies each gradient into the flat buffer. Only ``step()`` is timed; the new gradients are made
-before the clock starts.
+``in place``: ``.grad`` stays the same tensor between steps (a loop that zeroes gradients with
+``zero_grad(set_to_none=False)``, or accumulates). ``copy``: every step finds a new ``.grad``
+tensor (torch's default ``zero_grad()`` sets gradients to None and backward allocates new
+ones). The compiled engine copies a new gradient into its flat buffer (and makes ``.grad`` a
+view of it, so the in-place path then reads it there); the foreach engine on CPU reads every
+gradient where it is, so its two paths should cost the same. Only ``step()`` is timed; the
+new gradients are made before the clock starts. Ratios compare with torch's fused and foreach
+Adam timed the same way.
 
-Run from a checkout: ``python benchmarks/bench_grad_paths.py [--repeat N]``.
+Run from a checkout: ``python benchmarks/bench_grad_paths.py [--repeat N] [--engines compiled,foreach]``.
 """
 
 from __future__ import annotations
@@ -48,20 +50,29 @@ def median_seconds(step: Callable[[], object], params: list[torch.Tensor], fresh
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--engines", default="compiled,foreach", help="comma-separated torchupdates engines")
     args = parser.parse_args()
+    engines = [name.strip() for name in args.engines.split(",") if name.strip()]
     moved = 7 * 4 * sum(torch.Size(s).numel() for s in SHAPES)  # Adam: p, g, m, v read; p, m, v written
     print(f"adam, {len(SHAPES)} tensors, 13.4M float32 elements; GB/s = 28 bytes per element / median step time")
     for path, fresh in (("in place", False), ("copy", True)):
-        fused_params, our_params = make_params(), make_params()
-        fused = torch.optim.Adam(fused_params, lr=1e-3, fused=True)
-        ours = torchupdates.adam(our_params, engine="compiled")
-        ours.step()  # compiles outside the timing
-        fused_seconds = median_seconds(fused.step, fused_params, fresh, args.repeat)
-        our_seconds = median_seconds(ours.step, our_params, fresh, args.repeat)
-        print(
-            f"{path:>8}: torch fused {moved / fused_seconds / 1e9:5.1f} GB/s, "
-            f"compiled {moved / our_seconds / 1e9:5.1f} GB/s, ratio {fused_seconds / our_seconds:.2f}x"
-        )
+        torch_params = {"fused": make_params(), "foreach": make_params()}
+        torch_seconds = {
+            kind: median_seconds(torch.optim.Adam(params, lr=1e-3, **{kind: True}).step, params, fresh, args.repeat)
+            for kind, params in torch_params.items()
+        }
+        line = [f"{path:>8}: torch fused {moved / torch_seconds['fused'] / 1e9:5.1f} GB/s"]
+        line.append(f"torch foreach {moved / torch_seconds['foreach'] / 1e9:5.1f} GB/s")
+        for engine in engines:
+            params = make_params()
+            ours = torchupdates.adam(params, engine=engine)
+            ours.step()  # compiles (or builds buffers) outside the timing
+            seconds = median_seconds(ours.step, params, fresh, args.repeat)
+            line.append(
+                f"{engine} {moved / seconds / 1e9:5.1f} GB/s ({torch_seconds['fused'] / seconds:.2f}x fused, "
+                f"{torch_seconds['foreach'] / seconds:.2f}x torch foreach)"
+            )
+        print(", ".join(line))
 
 
 if __name__ == "__main__":
