@@ -5,7 +5,7 @@ come here: the gradients are gathered and checked (``_slots``), the guards clip 
 (``_guards``), missing state is created, each parameter becomes a slot, and the engine runs
 the chain of formulas over the slots, batch by batch. Chains with a norm constraint run in
 segments (``_segments``). :func:`step_again` is the steady state of the engines that keep
-flat buffers (the compiled engine; the foreach engine on CUDA), which skips the
+flat buffers (the compiled engine; the foreach engine on CPU and CUDA), which skips the
 per-parameter work when nothing changed since the last step.
 """
 

@@ -65,7 +65,7 @@ class Optimizer(torch.optim.Optimizer):
         The update rule, e.g. ``torchupdates.rules.ADAM``.
     engine : {"foreach", "reference", "compiled"}, optional
         ``"foreach"`` (default) runs each formula over all tensors of a device, dtype and
-        group at once (on CUDA over flat buffers the tensors become views of);
+        group at once, over flat buffers the parameters and state become views of;
         ``"reference"`` runs one tensor at a time; ``"compiled"`` fuses each batch's
         formulas into one kernel. See :mod:`torchupdates.engines` for every engine.
     state_dtype : torch.dtype, optional

@@ -173,9 +173,9 @@ engine : {"foreach", "reference", "compiled"}, optional, keyword only
     How the formula runs; the three agree bit for bit in float32.
 
     - ``"foreach"`` (default): eager, each operation of the formula over many tensors at
-      once: on CPU in cache-sized chunks; on CUDA over flat buffers that the parameters,
-      their ``.grad`` and state become views of after the first step. Needs nothing but
-      torch (no compiler).
+      once, over flat buffers that the parameters and state (on CUDA their ``.grad`` too)
+      become views of after the first step; on CPU in cache-sized chunks, reading each
+      gradient where it is. Needs nothing but torch (no compiler).
     - ``"reference"``: eager, one tensor at a time: the readable specification.
     - ``"compiled"``: one fused ``torch.compile`` kernel per step (per batch of tensors)
       over flat buffers of parameters, gradients and state. Needs a C++ compiler on CPU

@@ -4,7 +4,7 @@ Every engine evaluates the same formulas (see :mod:`torchupdates.rules`); they d
 in how tensors are batched. ``"reference"`` runs one parameter at a time with plain tensor
 operations, the readable specification. ``"foreach"`` groups parameters that share device,
 dtype, param group and step count, and runs each formula over a whole group per kernel (on
-CUDA over the ``"compiled"`` engine's flat buffers). ``"compiled"`` fuses a group's formulas
+CPU and CUDA over the ``"compiled"`` engine's flat buffers). ``"compiled"`` fuses a group's formulas
 into one kernel over flat buffers.
 
 An engine is a generator: it yields one :data:`Batch` at a time so that a step can write a
