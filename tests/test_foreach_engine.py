@@ -577,3 +577,29 @@ def test_pieces_end_to_end_run_in_place() -> None:
     other_storage = torch.from_numpy(buffer.numpy()[6:10])
     assert other_storage.data_ptr() == b.data_ptr()
     assert _cpu._end_to_end([a, other_storage], torch.float32, 10) is None
+
+
+def test_first_step_fills_the_buffers_role_by_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first step moves every tensor into the flat buffers. A role's buffer is made only
+    # when that role's turn comes, and each tensor becomes a view of it as soon as it is
+    # copied (freeing its old memory): the step needs about one buffer more than the tensors
+    # themselves, not a second copy of parameters and state at once.
+    from torchupdates.engines._flat import FlatBucket
+
+    seen: list[tuple[str, list[str]]] = []
+    original = FlatBucket.adopt
+
+    def adopt(self: FlatBucket, role: str, index: int, tensor: torch.Tensor) -> bool:
+        seen.append((role, list(self.buffers)))
+        return original(self, role, index, tensor)
+
+    monkeypatch.setattr(FlatBucket, "adopt", adopt)
+    params = [torch.nn.Parameter(torch.randn(50)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = torchupdates.adam(params, 0.1)
+    opt.step()
+    roles = ["param", "m", "v"]
+    assert [role for role, _ in seen] == [role for role in roles for _ in params]
+    for role, made in seen:  # this role's buffer and those before it, none after
+        assert made == roles[: roles.index(role) + 1], (role, made)

@@ -115,17 +115,30 @@ class FlatBucket:
             total += span.numel
         self.numel = total
         self.parallel = device.type != "cpu" or total >= parallel_elements
-        # Dynamic-shape kernels specialise on lengths 0 and 1; a length of at least 2 avoids a
-        # second compilation for a bucket of one scalar. Padding is computed on and never read.
-        self.buffers = {role: torch.zeros(max(total, 2), dtype=dtype, device=device) for role, dtype in roles.items()}
+        self.roles = dict(roles)
+        # Made role by role as the first step fills them (:meth:`take`), in the order of
+        # ``roles`` (the order kernels take them in).
+        self.buffers: dict[str, Tensor] = {}
         self.counters: dict[str, Tensor] = {}
         self._views: dict[str, list[Tensor]] = {}
         # Per role, the tensor last seen in each range (a view of it) and the range's address.
         self._held: dict[str, list[Tensor | None]] = {role: [None] * len(self.params) for role in roles}
-        self._addresses = {
-            role: [buffer.data_ptr() + span.offset * buffer.element_size() for span in self.spans]
-            for role, buffer in self.buffers.items()
-        }
+        self._addresses: dict[str, list[int]] = {}
+
+    def _buffer(self, role: str) -> Tensor:
+        """``role``'s buffer, made at its first use. It is left uninitialised (every range is
+        copied in before any kernel reads it), so on the CPU its memory is only claimed as
+        ranges are written, while the tensors they replace are freed one by one."""
+        buffer = self.buffers.get(role)
+        if buffer is None:
+            # Dynamic-shape kernels specialise on lengths 0 and 1; a length of at least 2 avoids
+            # a second compilation for a bucket of one scalar. The padding is zeros (the
+            # finiteness check of skip_nonfinite sums whole gradient buffers).
+            buffer = torch.empty(max(self.numel, 2), dtype=self.roles[role], device=self.device)
+            buffer[self.numel :].zero_()
+            self.buffers[role] = buffer
+            self._addresses[role] = [buffer.data_ptr() + span.offset * buffer.element_size() for span in self.spans]
+        return buffer
 
     def set_counters(self, key: str, value: int, counters: Sequence[Tensor]) -> bool:
         """Write ``value`` into every member's step counter under ``key`` with one fill:
@@ -149,18 +162,20 @@ class FlatBucket:
         return adopted
 
     def view(self, role: str, index: int) -> Tensor:
-        return self.spans[index].view(self.buffers[role])
+        return self.spans[index].view(self._buffer(role))
 
     def views(self, role: str) -> list[Tensor]:
         """Every member's range of ``role``'s buffer, made once (new tensors, never handed to
         the user: only the engine reads and writes through them)."""
         views = self._views.get(role)
         if views is None:
-            views = self._views[role] = [span.view(self.buffers[role]) for span in self.spans]
+            views = self._views[role] = [span.view(self._buffer(role)) for span in self.spans]
         return views
 
     def holds(self, role: str, index: int, tensor: Tensor) -> bool:
         """Whether ``tensor`` is exactly member ``index``'s range of ``role``'s buffer."""
+        if role not in self.buffers:
+            return False
         if tensor is self._held[role][index]:
             # The same tensor object: only ``.data`` reassignment can have moved it.
             return tensor.data_ptr() == self._addresses[role][index]
@@ -186,6 +201,21 @@ class FlatBucket:
             for i in moved:
                 self.view(role, i).copy_(local(tensors[i]))
         return moved
+
+    def take(self, role: str, tensors: Sequence[Tensor]) -> list[int]:
+        """:meth:`gather` the tensors and :meth:`adopt` each one as soon as it is copied, so
+        that the memory it leaves is free before the next is copied: the first step needs
+        about one tensor more than the tensors themselves, not a second copy of them all.
+        Return the members that could not be adopted (their results are copied back)."""
+        kept = []
+        with torch.no_grad():
+            for i, tensor in enumerate(tensors):
+                if self.holds(role, i, tensor):
+                    continue
+                self.view(role, i).copy_(local(tensor))
+                if not self.adopt(role, i, tensor):
+                    kept.append(i)
+        return kept
 
     def adopt(self, role: str, index: int, tensor: Tensor) -> bool:
         """Make ``tensor`` a view of its range (``tensor.data = view``) when it is a plain

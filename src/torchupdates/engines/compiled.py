@@ -322,7 +322,7 @@ class _Run:
         self.first = first
         self.params = [slot.param for slot in members]
         # None: the kernel reads each step's gradients where they are (no gradient buffer).
-        self.grads = [slot.param.grad for slot in members] if "grad" in bucket.buffers else None
+        self.grads = [slot.param.grad for slot in members] if "grad" in bucket.roles else None
         self.entries: Sequence[Mapping[str, Any]] = ()
         self.addresses = _addresses(self.params)
         self.held: dict[str, list[Tensor]] = {}
@@ -613,7 +613,7 @@ class CompiledEngine:
         bucket: FlatBucket,
     ) -> tuple[_Program, tuple[Tensor, ...]]:
         graph = Graph()
-        leaves = {role: graph.leaf(role) for role in bucket.buffers}
+        leaves = {role: graph.leaf(role) for role in bucket.roles}
         state = {key: leaves[key] for key in first.state}
         proposal, new_state = run_chain(
             stages,
@@ -625,9 +625,7 @@ class CompiledEngine:
             first.applies,
         )
         outputs = {"param": cast(Symbol, proposal), **cast("dict[str, Symbol]", new_state)}
-        dtypes = {role: buffer.dtype for role, buffer in bucket.buffers.items()}
-        device = bucket.buffers["param"].device
-        return _program(graph, leaves, outputs, dtypes, first.work_dtype, device)
+        return _program(graph, leaves, outputs, bucket.roles, first.work_dtype, bucket.device)
 
     @staticmethod
     def _propose(
@@ -638,10 +636,10 @@ class CompiledEngine:
         coefficients: tuple[Tensor, ...],
     ) -> list[list[tuple[Tensor, Tensor]]]:
         """The update dictionary's pairs: results in new buffers, nothing the user sees written."""
-        bucket.gather("param", [s.param for s in members])
-        bucket.gather("grad", [s.grad for s in members])
-        for key in members[0].state:
-            bucket.gather(key, [s.state[key] for s in members])
+        inputs = {"param": [s.param for s in members], "grad": [s.grad for s in members]}
+        inputs.update({key: [s.state[key] for s in members] for key in members[0].state})
+        for role in bucket.roles:  # the buffers' order
+            bucket.gather(role, inputs[role])
         kernel = _compiled(program.returning_source, bucket.parallel, bucket.device.type)
         results = dict(zip(program.results, kernel(*bucket.buffers.values(), *coefficients), strict=True))
         pairs = []
@@ -661,19 +659,22 @@ class CompiledEngine:
     ) -> bool:
         """Write one batch's step; return whether every tensor is now a view of the bucket."""
         targets = {"param": [s.param for s in members], **{k: [s.state[k] for s in members] for k in members[0].state}}
-        moved = {role: bucket.gather(role, tensors) for role, tensors in targets.items()}
-        in_bucket = "grad" in bucket.buffers
-        moved_grads = bucket.gather("grad", [s.grad for s in members]) if in_bucket else []
-        adopted = True
+        in_bucket = "grad" in bucket.roles
+        # Role by role, in the buffers' order; each tensor adopted as soon as it is copied in.
+        copied_back: dict[str, list[int]] = {}
+        moved_grads: list[int] = []
+        for role in bucket.roles:
+            if role == "grad":
+                moved_grads = bucket.gather("grad", [s.grad for s in members])
+            else:
+                copied_back[role] = bucket.take(role, targets[role])
+        adopted = not any(copied_back.values())
         with torch.no_grad():
             grads = None if in_bucket else [s.grad for s in members]
             self.run_kernel(stages, hyperparameters, members[0], members[0].steps, bucket, grads)
-            for role, indices in moved.items():
+            for role, indices in copied_back.items():
                 for i in indices:
-                    target = targets[role][i]
-                    if not bucket.adopt(role, i, target):
-                        local(target).copy_(bucket.view(role, i))
-                        adopted = False
+                    local(targets[role][i]).copy_(bucket.view(role, i))
             for i in moved_grads:
                 slot = members[i]
                 # Only .grad is ours to re-point; a gradient passed to step() is the caller's.
