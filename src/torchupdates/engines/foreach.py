@@ -321,12 +321,12 @@ class ForeachEngine(CompiledEngine):
         bucket: FlatBucket,
         grads: Sequence[Tensor] | None = None,
     ) -> None:
+        # On the CPU (``grads`` given: the bucket keeps none) the chunked program runs over the
+        # buffers where it can; the member slots below take the rest (another layout or dtype).
         if grads is not None and not torch.compiler.is_compiling():
             this_step = first if first.steps == steps else dataclasses.replace(first, steps=steps)
-            spans = bucket.spans
-            if _cpu.run_flat(
-                stages, hyperparameters, this_step, bucket.buffers, spans, grads, CPU_CHUNK_ELEMENTS, cpu_workers()
-            ):
+            chunk, workers = CPU_CHUNK_ELEMENTS, cpu_workers()
+            if _cpu.run_flat(stages, hyperparameters, this_step, bucket.buffers, bucket.spans, grads, chunk, workers):
                 return
         # The bucket keeps the step counters: these only receive what the run would write.
         counters = {
