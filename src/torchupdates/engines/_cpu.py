@@ -203,22 +203,23 @@ def run_flat(
     if any(buffer.dtype != dtype for buffer in targets):
         return False
     bounds = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in targets]
-    for grad, span in zip(grads, spans, strict=True):
-        if type(grad) not in _PLAIN or grad.dtype != dtype or not grad.is_cpu:
-            return False  # complex gradients too (the buffers are real)
-        if grad.stride() != span.strides and grad.numel():
-            return False
-        address = grad.data_ptr()
-        if any(low <= address < high for low, high in bounds):
-            return False  # the gradient is a target's memory: run_batch copies it first
+    lowest, highest = min(low for low, _ in bounds), max(high for _, high in bounds)
     job = _job(stages, hyperparameters, first, keys, chunk)
     if job is None:
         return True
     tasks: list[Callable[[], None]] = []
     group: list[Tensor] = []
     start = size = 0
+    # Every gradient is checked before any task runs.
     for grad, span in zip(grads, spans, strict=True):
+        if type(grad) not in _PLAIN or grad.dtype != dtype or not grad.is_cpu:
+            return False  # complex gradients too (the buffers are real)
         numel = grad.numel()
+        if numel and grad.stride() != span.strides:
+            return False
+        address = grad.data_ptr()
+        if lowest <= address < highest and any(low <= address < high for low, high in bounds):
+            return False  # the gradient is a target's memory: run_batch copies it first
         if numel * 4 >= job.chunk or size + numel > job.chunk:
             if group:
                 tasks.append(functools.partial(_run_packed, job, [t[start : start + size] for t in targets], group))
