@@ -24,6 +24,8 @@ Scalar = float | int | Tensor
 
 def is_scalar(value: object) -> TypeGuard[float | Tensor]:
     """Whether ``value`` can be a scalar operand of a recorded operation."""
+    if type(value) is float or type(value) is int:  # the common case, without an ABC check
+        return True
     if isinstance(value, Tensor):
         return value.dim() == 0
     return isinstance(value, Real) and not isinstance(value, bool)
