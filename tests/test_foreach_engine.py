@@ -603,3 +603,34 @@ def test_first_step_fills_the_buffers_role_by_role(monkeypatch: pytest.MonkeyPat
     assert [role for role, _ in seen] == [role for role in roles for _ in params]
     for role, made in seen:  # this role's buffer and those before it, none after
         assert made == roles[: roles.index(role) + 1], (role, made)
+
+
+def test_kept_programs_follow_every_hyperparameter_change() -> None:
+    # A chain without step counters keeps its compiled program and constants while its
+    # hyperparameters stay the same numbers: every change must still reach the next step,
+    # 0.0 to -0.0 included (-0.0 - 0.0 * 1 is -0.0, -0.0 - (-0.0 * 1) is +0.0).
+    p = torch.nn.Parameter(torch.tensor([-0.0, 3.0]))
+    opt = torchupdates.sgd([p], 0.0)
+    for lr, expected in [
+        (0.0, [-0.0, 3.0]),
+        (0.0, [-0.0, 3.0]),
+        (-0.0, [0.0, 3.0]),
+        (0.5, [-0.5, 2.5]),
+        (0.5, [-1.0, 2.0]),
+    ]:
+        opt.param_groups[0]["lr"] = lr
+        p.grad = torch.ones(2)
+        opt.step()
+        assert torch.equal(_bits(p), _bits(torch.tensor(expected))), (lr, p.tolist())
+    # A momentum chain, with its other hyperparameter changed too, against the reference.
+    runs = []
+    for engine in ("reference", "foreach"):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 7)), torch.nn.Parameter(torch.ones(2, 3))]
+        opt = torchupdates.nesterov_momentum(params, 0.1, engine=engine)
+        for k, (lr, momentum) in enumerate([(0.1, 0.9), (0.1, 0.9), (0.05, 0.9), (0.05, 0.5), (0.05, 0.5)]):
+            opt.param_groups[0].update(lr=lr, momentum=momentum)
+            for i, param in enumerate(params):
+                param.grad = torch.full_like(param, 0.1 * (k + i + 1))
+            opt.step()
+        runs.append((opt, params))
+    _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -248,14 +249,54 @@ def _run(job: _Job, tasks: Sequence[Callable[[], None]], threads: int) -> None:
 def _job(
     stages: Sequence[Stage], hyperparameters: Sequence[dict[str, Any]], first: Slot, keys: list[str], chunk: int
 ) -> _Job | None:
-    """What every chunk of the batch of ``first`` shares; ``None`` when its chain writes nothing."""
+    """What every chunk of the batch of ``first`` shares; ``None`` when its chain writes nothing.
+
+    Recording the chain again is most of a small step's cost, and a chain without step
+    counters whose hyperparameters are Python numbers records the same program and constants
+    at every step while they stay the same: that job is kept (:func:`_job_key`).
+    """
+    key = _job_key(stages, hyperparameters, first, keys, chunk)
+    kept = _JOBS.get(key) if key is not None else None
+    if kept is not None and all(map(operator.is_, kept[0], stages)):
+        return kept[1]
     dtype = first.work_dtype
     program = _compile(stages, hyperparameters, first, keys)
     if not program.outputs:
         return None
     leaves = 2 + len(keys)
     chunk = _chunk_elements(chunk, (leaves + program.scratch) * dtype.itemsize + 8 * program.wide)
-    return _Job(program, _constants(program.constants, dtype), dtype, leaves, chunk)
+    job = _Job(program, _constants(program.constants, dtype), dtype, leaves, chunk)
+    if key is not None:
+        if len(_JOBS) >= _KEPT_JOBS:
+            _JOBS.clear()  # one atomic step, whatever other threads do meanwhile
+        _JOBS[key] = (tuple(stages), job)  # the stages kept alive: their ids stay theirs
+    return job
+
+
+def _job_key(
+    stages: Sequence[Stage], hyperparameters: Sequence[dict[str, Any]], first: Slot, keys: list[str], chunk: int
+) -> Hashable | None:
+    """Everything a job is made from, when that is all: no stage counts steps (a step number
+    changes every step) and every hyperparameter is a Python number (a tensor's value can
+    change in place). Floats are keyed by their exact bits, so that 0.0 and -0.0 differ."""
+    if any(t is not None for t in first.steps):
+        return None
+    values: list[tuple[str, object]] = []
+    for group in hyperparameters:
+        for name, value in group.items():
+            if type(value) is float:
+                values.append((name, value.hex()))
+            elif type(value) is int:
+                values.append((name, value))
+            else:
+                return None
+    dtype = first.work_dtype
+    return (tuple(map(id, stages)), tuple(values), first.applies, dtype, tuple(keys), chunk, sqrt_mode(dtype))
+
+
+_KEPT_JOBS = 64
+_JOBS: dict[Hashable, tuple[tuple[Stage, ...], _Job]] = {}
+"""Jobs of chains without step counters and with number hyperparameters, by :func:`_job_key`."""
 
 
 CHUNK_BYTES = 8 << 20
