@@ -116,8 +116,8 @@ class FlatBucket:
         self.numel = total
         self.parallel = device.type != "cpu" or total >= parallel_elements
         self.roles = dict(roles)
-        # Made role by role as the first step fills them (:meth:`take`), in the order of
-        # ``roles`` (the order kernels take them in).
+        # Made role by role as the first step fills them (:meth:`take`), and listed in the
+        # order of ``roles`` (the order kernels take them in) whatever the order they were made.
         self.buffers: dict[str, Tensor] = {}
         self.counters: dict[str, Tensor] = {}
         self._views: dict[str, list[Tensor]] = {}
@@ -136,7 +136,8 @@ class FlatBucket:
             # finiteness check of skip_nonfinite sums whole gradient buffers).
             buffer = torch.empty(max(self.numel, 2), dtype=self.roles[role], device=self.device)
             buffer[self.numel :].zero_()
-            self.buffers[role] = buffer
+            made = {**self.buffers, role: buffer}
+            self.buffers = {name: made[name] for name in self.roles if name in made}  # in the roles' order
             self._addresses[role] = [buffer.data_ptr() + span.offset * buffer.element_size() for span in self.spans]
         return buffer
 
