@@ -634,3 +634,20 @@ def test_kept_programs_follow_every_hyperparameter_change() -> None:
             opt.step()
         runs.append((opt, params))
     _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+
+
+def test_bucket_lists_its_buffers_in_the_roles_order() -> None:
+    # Kernels take the buffers in the order of the roles, whichever was made first.
+    from torchupdates.engines._flat import FlatBucket
+
+    bucket = FlatBucket(
+        [torch.zeros(3), torch.zeros(2, 2)],
+        {"param": torch.float32, "grad": torch.float32, "m": torch.float64},
+        torch.device("cpu"),
+        1 << 16,
+    )
+    assert bucket.buffers == {}
+    for role in ("m", "param", "grad"):
+        bucket.view(role, 1).fill_(1.0)
+    assert list(bucket.buffers) == ["param", "grad", "m"]
+    assert [buffer.dtype for buffer in bucket.buffers.values()] == [torch.float32, torch.float32, torch.float64]
