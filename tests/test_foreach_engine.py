@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import torchupdates
+from compiler import needs_compiler
 from torchupdates.engines import _cpu
 from torchupdates.engines import foreach as foreach_engine
 from torchupdates.engines._program import Program, compile_program
@@ -605,12 +606,13 @@ def test_first_step_fills_the_buffers_role_by_role(monkeypatch: pytest.MonkeyPat
         assert made == roles[: roles.index(role) + 1], (role, made)
 
 
-def test_kept_programs_follow_every_hyperparameter_change() -> None:
-    # A chain without step counters keeps its compiled program and constants while its
-    # hyperparameters stay the same numbers: every change must still reach the next step,
-    # 0.0 to -0.0 included (-0.0 - 0.0 * 1 is -0.0, -0.0 - (-0.0 * 1) is +0.0).
+@pytest.mark.parametrize("engine", ["foreach", pytest.param("compiled", marks=needs_compiler)])
+def test_kept_programs_follow_every_hyperparameter_change(engine: str) -> None:
+    # A chain without step counters keeps its program and constants while its hyperparameters
+    # stay the same numbers: every change must still reach the next step, 0.0 to -0.0
+    # included (-0.0 - 0.0 * 1 is -0.0, -0.0 - (-0.0 * 1) is +0.0).
     p = torch.nn.Parameter(torch.tensor([-0.0, 3.0]))
-    opt = torchupdates.sgd([p], 0.0)
+    opt = torchupdates.sgd([p], 0.0, engine=engine)
     for lr, expected in [
         (0.0, [-0.0, 3.0]),
         (0.0, [-0.0, 3.0]),
@@ -624,9 +626,9 @@ def test_kept_programs_follow_every_hyperparameter_change() -> None:
         assert torch.equal(_bits(p), _bits(torch.tensor(expected))), (lr, p.tolist())
     # A momentum chain, with its other hyperparameter changed too, against the reference.
     runs = []
-    for engine in ("reference", "foreach"):
+    for each in ("reference", engine):
         params = [torch.nn.Parameter(torch.linspace(-1, 1, 7)), torch.nn.Parameter(torch.ones(2, 3))]
-        opt = torchupdates.nesterov_momentum(params, 0.1, engine=engine)
+        opt = torchupdates.nesterov_momentum(params, 0.1, engine=each)
         for k, (lr, momentum) in enumerate([(0.1, 0.9), (0.1, 0.9), (0.05, 0.9), (0.05, 0.5), (0.05, 0.5)]):
             opt.param_groups[0].update(lr=lr, momentum=momentum)
             for i, param in enumerate(params):

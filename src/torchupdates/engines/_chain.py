@@ -95,6 +95,33 @@ def run_chain(
     return incoming, new_state
 
 
+def recording_key(
+    stages: Sequence[Stage],
+    hyperparameters: Sequence[dict[str, Any]],
+    steps: Sequence[int | None],
+    applies: Sequence[bool],
+    work_dtype: torch.dtype,
+) -> tuple[Any, ...] | None:
+    """What a recording of the chain is made from, when that is all, so that an engine may
+    keep what it made from one (a program and its constants) for the next step: ``None``
+    when a stage counts steps (its step number changes every step) or a hyperparameter is
+    not a Python number (a tensor's value can change in place). Floats are keyed by their
+    exact bits, so that 0.0 and -0.0 differ. The stages are keyed by identity: a keeper
+    must keep them alive, so that their ids stay theirs."""
+    if any(t is not None for t in steps):
+        return None
+    values: list[tuple[str, object]] = []
+    for group in hyperparameters:
+        for name, value in group.items():
+            if type(value) is float:
+                values.append((name, value.hex()))
+            elif type(value) is int:
+                values.append((name, value))
+            else:
+                return None
+    return (tuple(map(id, stages)), tuple(values), tuple(applies), work_dtype)
+
+
 def fits(grad: object, param: Tensor) -> TypeGuard[Tensor]:
     """Whether ``grad`` is a dense tensor of ``param``'s shape, dtype and device: a gradient a
     step takes as it is (anything else is densified or refused by the step's checks)."""

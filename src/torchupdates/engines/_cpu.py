@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..formula import Graph, Scalar, Symbol, needs_wide_sqrt, numpy_sqrt
-from ._chain import Slot, Stage, number_tensor, run_chain
+from ._chain import Slot, Stage, number_tensor, recording_key, run_chain
 from ._flat import Span, dense_strides
 from ._program import Program, compile_program
 from ._workers import run_tasks
@@ -276,22 +276,9 @@ def _job(
 def _job_key(
     stages: Sequence[Stage], hyperparameters: Sequence[dict[str, Any]], first: Slot, keys: list[str], chunk: int
 ) -> Hashable | None:
-    """Everything a job is made from, when that is all: no stage counts steps (a step number
-    changes every step) and every hyperparameter is a Python number (a tensor's value can
-    change in place). Floats are keyed by their exact bits, so that 0.0 and -0.0 differ."""
-    if any(t is not None for t in first.steps):
-        return None
-    values: list[tuple[str, object]] = []
-    for group in hyperparameters:
-        for name, value in group.items():
-            if type(value) is float:
-                values.append((name, value.hex()))
-            elif type(value) is int:
-                values.append((name, value))
-            else:
-                return None
-    dtype = first.work_dtype
-    return (tuple(map(id, stages)), tuple(values), first.applies, dtype, tuple(keys), chunk, sqrt_mode(dtype))
+    """Everything a job is made from, when that is all (see :func:`~._chain.recording_key`)."""
+    key = recording_key(stages, hyperparameters, first.steps, first.applies, first.work_dtype)
+    return None if key is None else (*key, tuple(keys), chunk, sqrt_mode(first.work_dtype))
 
 
 _KEPT_JOBS = 64
