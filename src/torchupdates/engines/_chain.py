@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, Generic, TypeGuard, TypeVar
 
 import torch
 from torch import Tensor
@@ -120,6 +121,34 @@ def recording_key(
             else:
                 return None
     return (tuple(map(id, stages)), tuple(values), tuple(applies), work_dtype)
+
+
+_Made = TypeVar("_Made")
+
+
+class KeptRecordings(Generic[_Made]):
+    """What an engine made from a recording, kept by its :func:`recording_key` (extended
+    with the engine's own inputs), at most ``limit`` of them, then emptied. Each entry keeps
+    its stages alive, so that their ids, part of the key, stay theirs."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._kept: dict[Hashable, tuple[tuple[Stage, ...], _Made]] = {}
+
+    def get(self, key: Hashable | None, stages: Sequence[Stage]) -> _Made | None:
+        """What was kept under ``key`` for these very stages, or ``None``."""
+        kept = self._kept.get(key) if key is not None else None
+        if kept is None or not all(map(operator.is_, kept[0], stages)):
+            return None
+        return kept[1]
+
+    def put(self, key: Hashable | None, stages: Sequence[Stage], made: _Made) -> None:
+        """Keep ``made`` under ``key`` (nothing when there is no key)."""
+        if key is None:
+            return
+        if len(self._kept) >= self._limit:
+            self._kept.clear()  # one atomic step, whatever other threads do meanwhile
+        self._kept[key] = (tuple(stages), made)
 
 
 def fits(grad: object, param: Tensor) -> TypeGuard[Tensor]:

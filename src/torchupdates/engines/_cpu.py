@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..formula import Graph, Scalar, Symbol, needs_wide_sqrt, numpy_sqrt
-from ._chain import Slot, Stage, number_tensor, recording_key, run_chain
+from ._chain import KeptRecordings, Slot, Stage, number_tensor, recording_key, run_chain
 from ._flat import Span, dense_strides
 from ._program import Program, compile_program
 from ._workers import run_tasks
@@ -256,9 +255,9 @@ def _job(
     at every step while they stay the same: that job is kept (:func:`_job_key`).
     """
     key = _job_key(stages, hyperparameters, first, keys, chunk)
-    kept = _JOBS.get(key) if key is not None else None
-    if kept is not None and all(map(operator.is_, kept[0], stages)):
-        return kept[1]
+    kept = _JOBS.get(key, stages)
+    if kept is not None:
+        return kept
     dtype = first.work_dtype
     program = _compile(stages, hyperparameters, first, keys)
     if not program.outputs:
@@ -266,10 +265,7 @@ def _job(
     leaves = 2 + len(keys)
     chunk = _chunk_elements(chunk, (leaves + program.scratch) * dtype.itemsize + 8 * program.wide)
     job = _Job(program, _constants(program.constants, dtype), dtype, leaves, chunk)
-    if key is not None:
-        if len(_JOBS) >= _KEPT_JOBS:
-            _JOBS.clear()  # one atomic step, whatever other threads do meanwhile
-        _JOBS[key] = (tuple(stages), job)  # the stages kept alive: their ids stay theirs
+    _JOBS.put(key, stages, job)
     return job
 
 
@@ -281,8 +277,7 @@ def _job_key(
     return None if key is None else (*key, tuple(keys), chunk, sqrt_mode(first.work_dtype))
 
 
-_KEPT_JOBS = 64
-_JOBS: dict[Hashable, tuple[tuple[Stage, ...], _Job]] = {}
+_JOBS: KeptRecordings[_Job] = KeptRecordings(64)
 """Jobs of chains without step counters and with number hyperparameters, by :func:`_job_key`."""
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..formula import ELEMENTWISE, PROBE_SCALAR, Graph, Node, ScalarKind, Symbol, probe_operands, scalar_kind
-from ._chain import Batch, Slot, Stage, fits, number_tensor, pairs_for_slot, recording_key, run_chain
+from ._chain import Batch, KeptRecordings, Slot, Stage, fits, number_tensor, pairs_for_slot, recording_key, run_chain
 from ._flat import PLAIN_TENSORS, FlatBucket, local, real
 from ._vector_isa import remembered_vector_isa_options
 from .reference import propose_reference
@@ -203,8 +203,7 @@ def _program(
     return template, _coefficients(graph.scalars(), device)
 
 
-_KEPT_RECORDINGS = 64
-_RECORDINGS: dict[Hashable, tuple[tuple[Stage, ...], tuple[_Program, tuple[Tensor, ...]]]] = {}
+_RECORDINGS: KeptRecordings[tuple[_Program, tuple[Tensor, ...]]] = KeptRecordings(64)
 """Programs and coefficients of chains without step counters, by recording key."""
 
 _KEPT_SOURCES = 256
@@ -619,27 +618,13 @@ class CompiledEngine:
         """The kernel program of the batch's chain and this step's coefficients: recorded
         again, unless the chain has no step counter and the same number hyperparameters as
         a step already recorded (:func:`~._chain.recording_key`), whose recording is kept."""
-        key = recording_key(stages, hyperparameters, steps, first.applies, first.work_dtype)
-        if key is not None:
-            key = (*key, tuple(first.state), tuple(bucket.roles.items()), bucket.device)
-            kept = _RECORDINGS.get(key)
-            if kept is not None and all(map(operator.is_, kept[0], stages)):
-                return kept[1]
-        recorded = CompiledEngine._recorded(stages, hyperparameters, first, steps, bucket)
-        if key is not None:
-            if len(_RECORDINGS) >= _KEPT_RECORDINGS:
-                _RECORDINGS.clear()  # one atomic step, whatever other threads do meanwhile
-            _RECORDINGS[key] = (tuple(stages), recorded)  # the stages kept alive: their ids stay theirs
-        return recorded
-
-    @staticmethod
-    def _recorded(
-        stages: Sequence[Stage],
-        hyperparameters: Sequence[dict[str, Any]],
-        first: Slot,
-        steps: tuple[Any, ...],
-        bucket: FlatBucket,
-    ) -> tuple[_Program, tuple[Tensor, ...]]:
+        chain_key = recording_key(stages, hyperparameters, steps, first.applies, first.work_dtype)
+        kept_as = (
+            None if chain_key is None else (*chain_key, tuple(first.state), tuple(bucket.roles.items()), bucket.device)
+        )
+        kept = _RECORDINGS.get(kept_as, stages)
+        if kept is not None:
+            return kept
         graph = Graph()
         leaves = {role: graph.leaf(role) for role in bucket.roles}
         state = {key: leaves[key] for key in first.state}
@@ -653,7 +638,9 @@ class CompiledEngine:
             first.applies,
         )
         outputs = {"param": cast(Symbol, proposal), **cast("dict[str, Symbol]", new_state)}
-        return _program(graph, leaves, outputs, bucket.roles, first.work_dtype, bucket.device)
+        recorded = _program(graph, leaves, outputs, bucket.roles, first.work_dtype, bucket.device)
+        _RECORDINGS.put(kept_as, stages, recorded)
+        return recorded
 
     @staticmethod
     def _propose(
