@@ -340,3 +340,72 @@ def test_16_bit_parameters_round_like_eager_torch(rule: str, dtype: torch.dtype)
         runs.append([t.view(torch.int16) if t.dtype == dtype else t for t in tensors])
     for eager, compiled in (runs[:2], runs[2:]):
         assert all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True))
+
+
+def test_new_large_gradients_are_read_where_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A loop that makes new gradients every step (torch's default zero_grad()): on the CPU the
+    # kernel reads a large new .grad where it is, one call for its member, instead of copying
+    # it into the bucket. Here "large" is 8 elements or more. Copied instead: a gradient laid
+    # out otherwise than its parameter, one lying in the buffers (it must be read before the
+    # step writes), small ones, and any whose reading would leave a stretch of one element
+    # between calls (a kernel compiled again for length 1).
+    from torchupdates.engines import compiled
+
+    monkeypatch.setattr(compiled, "GRADIENTS_IN_PLACE_FROM", 8)
+    read_in_place: list[list[int]] = []
+    original = compiled.CompiledEngine._run_kernel_in_pieces
+
+    def spy(self: compiled.CompiledEngine, *args: object) -> None:
+        read_in_place.append(sorted(cast(dict, args[-1])))
+        original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compiled.CompiledEngine, "_run_kernel_in_pieces", spy)
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
+    channels_last = torch.channels_last
+    tensors = [
+        randn(3, 4),  # 0: read in place
+        randn(),  # 1: one element between 0 and 2
+        randn(2, 3, 4, 5).to(memory_format=channels_last),  # 2: copied (its call would leave 1 alone)
+        randn(2, 3, 4, 5).to(memory_format=channels_last),  # 3: read in place
+        randn(2, 3, 4, 5).to(memory_format=channels_last),  # 4: its gradients contiguous: copied
+        randn(5, 3).t(),  # 5: transposed, its gradient too: read in place
+        randn(8, dtype=torch.complex64),  # 6: in a bucket of its own (another dtype): read in place
+        randn(4),  # 7: small: copied
+        randn(3, 4),  # 8: its gradient is parameter 0: copied
+        randn(3, 4),  # 9: copied (its call would leave the last element alone)
+        randn(),  # 10
+    ]
+
+    def new_grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        made = torch.Generator().manual_seed(100 + step)
+        grads = [torch.randn(p.shape, generator=made, dtype=p.dtype) for p in params]
+        grads[2], grads[3] = (g.to(memory_format=channels_last) for g in grads[2:4])
+        if step == 0:  # (a step whose .grad it cannot make its view is not repeated)
+            grads[4] = grads[4].to(memory_format=channels_last)
+        grads[5] = torch.randn(5, 3, generator=made).t()
+        return grads
+
+    runs = []
+    for engine in ("foreach", "compiled"):
+        params = [t.detach().clone().requires_grad_(True) for t in tensors]
+        opt = torchupdates.apply_nesterov_momentum(torchupdates.adam(params, 0.01, engine=engine))
+        grads: list[torch.Tensor] = []
+        for step in range(6):
+            previous, grads = grads, new_grads(params, step)
+            if step == 4:  # a small gradient kept from the last step: made the bucket's view
+                grads[7] = previous[7]
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            params[8].grad = params[0].detach()
+            with torch._dynamo.config.patch(error_on_recompile=step > 0):
+                opt.step()
+            if engine == "compiled" and step > 0:
+                assert all(params[i].grad is grads[i] for i in (0, 3, 5, 6)), "read in place, not re-pointed"
+                assert (params[7].grad is grads[7]) == (step != 4), "re-pointed once it was kept"
+        runs.append((opt, params))
+    assert_same(*runs[0], *runs[1])
+    assert read_in_place == [[0, 3, 5], [0]] * 5  # members 0, 3, 5 of the first bucket; 6 of its own

@@ -15,7 +15,7 @@ computed for a tensor that is not a view is copied back (:meth:`FlatBucket.scatt
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +164,63 @@ class FlatBucket:
 
     def view(self, role: str, index: int) -> Tensor:
         return self.spans[index].view(self._buffer(role))
+
+    def readable_in_place(self, role: str, index: int, tensor: Tensor) -> bool:
+        """Whether a kernel may read member ``index``'s ``role`` from ``tensor`` where it is
+        instead of from its range: a plain tensor of the buffer's dtype, laid out as the range
+        in memory, and outside every buffer (a kernel writes the buffers as it reads)."""
+        if type(tensor) not in PLAIN_TENSORS:
+            return False
+        view = real(tensor)
+        if view.dtype != self.roles[role] or view.device != self.device:
+            return False
+        if dense_strides(view) != self.spans[index].strides:
+            return False
+        low = view.data_ptr()
+        high = low + view.numel() * view.element_size()
+        return all(
+            high <= buffer.data_ptr() or buffer.data_ptr() + buffer.numel() * buffer.element_size() <= low
+            for buffer in self.buffers.values()
+        )
+
+    def keep_pieces_long(self, outside: Sequence[int]) -> list[int]:
+        """The members of ``outside`` (ascending) left after dropping those that would leave a
+        stretch of one element between them (:meth:`pieces`): a kernel with dynamic shapes is
+        compiled again for length 1. A dropped member joins the stretches around it."""
+        kept: list[int] = []
+        end = 0
+        for index in outside:
+            span = self.spans[index]
+            if span.offset - end == 1:
+                continue
+            kept.append(index)
+            end = span.offset + span.numel
+        length = max(self.numel, 2)
+        if kept and length - (self.spans[kept[-1]].offset + self.spans[kept[-1]].numel) == 1:
+            kept.pop()
+        return kept
+
+    def pieces(self, role: str, outside: Mapping[int, Tensor]) -> Iterator[list[Tensor]]:
+        """The buffers cut for a kernel that reads members ``outside`` (index -> tensor) from
+        those tensors: each piece is one 1-D tensor per role, in the buffers' order, either a
+        stretch of the buffers between such members or one member's ranges with its tensor
+        (in memory order) in place of ``role``'s range. Stretches are never one element long
+        when ``outside`` was chosen by :meth:`keep_pieces_long`."""
+        buffers = list(self.buffers.values())
+        position = list(self.buffers).index(role)
+        start = 0
+        for index in sorted(outside):
+            span = self.spans[index]
+            if span.offset > start:
+                yield [buffer[start : span.offset] for buffer in buffers]
+            end = span.offset + span.numel
+            piece = [buffer[span.offset : end] for buffer in buffers]
+            tensor = real(outside[index])
+            piece[position] = tensor.as_strided((span.numel,), (1,), tensor.storage_offset())
+            yield piece
+            start = end
+        if start < buffers[0].numel():
+            yield [buffer[start:] for buffer in buffers]
 
     def views(self, role: str) -> list[Tensor]:
         """Every member's range of ``role``'s buffer, made once (new tensors, never handed to

@@ -62,6 +62,10 @@ _EAGER_NUMERICS = ("division_rounding", "disable_ftz")
 # length came first), one thread for short ones (where waking threads costs more than it saves,
 # and much more when other processes hold the cores).
 PARALLEL_ELEMENTS = 1 << 16
+GRADIENTS_IN_PLACE_FROM = 1 << 18
+"""On CPU, a new ``.grad`` of at least this many elements is read where it is by the steady
+state's kernel (one more kernel call) instead of copied into the bucket (one more pass over
+its memory); smaller ones are copied, as a call costs more than their copy."""
 _THREADS: dict[bool, dict[str, str | int | bool | Callable[..., Any]]] = {
     True: {"cpp.dynamic_threads": True},
     False: {"cpp.threads": 1},
@@ -319,13 +323,22 @@ class _Run:
     """One batch of a step whose tensors were all views of their bucket's ranges afterwards:
     the next step can skip building slots, as long as :meth:`unchanged` holds."""
 
-    def __init__(self, bucket: FlatBucket, members: Sequence[Slot], stages: Sequence[Stage]) -> None:
+    def __init__(
+        self, bucket: FlatBucket, members: Sequence[Slot], stages: Sequence[Stage], positions: Sequence[int]
+    ) -> None:
         first = members[0]
         self.bucket = bucket
         self.first = first
         self.params = [slot.param for slot in members]
+        # Where the members stand among their group's stepped parameters: one slice when
+        # they are neighbours there; batches of other dtypes can lie between them.
+        start = positions[0]
+        contiguous = list(positions) == list(range(start, start + len(positions)))
+        self.positions: slice | list[int] = slice(start, start + len(positions)) if contiguous else list(positions)
         # None: the kernel reads each step's gradients where they are (no gradient buffer).
         self.grads = [slot.param.grad for slot in members] if "grad" in bucket.roles else None
+        # id() of each member's new .grad found by the last step (0: none): see copy_grads.
+        self.new_grad_ids = [0] * len(members)
         self.entries: Sequence[Mapping[str, Any]] = ()
         self.addresses = _addresses(self.params)
         self.held: dict[str, list[Tensor]] = {}
@@ -339,6 +352,13 @@ class _Run:
         ]
         for key in self.counter_keys:
             self.held[key] = [slot.counters[key] for slot in members]
+
+    def members_of(self, group: Sequence[Tensor]) -> Sequence[Tensor]:
+        """The tensors at the members' positions of a list of the group's stepped
+        parameters (or their gradients), whose length was checked."""
+        if isinstance(self.positions, slice):
+            return group[self.positions]
+        return [group[i] for i in self.positions]
 
     def unchanged(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], entries: Sequence[Mapping[str, Any]]
@@ -387,14 +407,36 @@ class _Run:
                 return None  # the ordinary step checks it and says what is wrong
         return moved
 
-    def copy_grads(self, moved: Sequence[int]) -> None:
-        """Copy the new gradients of ``moved`` members in, and make ``.grad`` the views."""
-        held = cast("list[Tensor]", self.grads)
-        views = [self.bucket.view("grad", i) for i in moved]
-        torch._foreach_copy_(views, [cast(Tensor, self.params[i].grad) for i in moved])
-        for i, view in zip(moved, views, strict=True):
-            if _point_grad_at(self.params[i], view):
-                held[i] = view
+    def copy_grads(self, moved: Sequence[int], in_place_from: int | None) -> dict[int, Tensor]:
+        """Copy the new gradients of ``moved`` members into the bucket.
+
+        A gradient of at least ``in_place_from`` elements (None: none) that the kernel can
+        read where it is (:meth:`FlatBucket.readable_in_place`) is not copied: copying would
+        cost a pass over its memory at every step of a loop that makes new gradients
+        (torch's default ``zero_grad()``). Return those, by member index.
+
+        A copied gradient found again at the next step (a loop that keeps ``.grad``) has its
+        ``.grad`` made the bucket's view, which later steps then read without a copy; one
+        replaced at every step is only copied, as a new view per step would be wasted.
+        """
+        bucket = self.bucket
+        grads = {i: cast(Tensor, self.params[i].grad) for i in moved}
+        outside: dict[int, Tensor] = {}
+        if in_place_from is not None:
+            large = [i for i, grad in grads.items() if grad.numel() >= in_place_from]
+            large = [i for i in large if bucket.readable_in_place("grad", i, grads[i])]
+            outside = {i: grads.pop(i) for i in bucket.keep_pieces_long(large)}
+        if not grads:
+            return outside
+        views = bucket.views("grad")
+        torch._foreach_copy_([views[i] for i in grads], list(grads.values()))
+        held, seen = cast("list[Tensor]", self.grads), self.new_grad_ids
+        for i, grad in grads.items():
+            if seen[i] == id(grad) and _point_grad_at(self.params[i], bucket.view("grad", i)):
+                held[i], seen[i] = cast(Tensor, self.params[i].grad), 0
+            else:
+                seen[i] = id(grad)
+        return outside
 
     def steps(self, stages: Sequence[Stage]) -> tuple[int | None, ...]:
         """The step numbers of this step, one past the counters'."""
@@ -449,8 +491,10 @@ class CompiledEngine:
         write: bool = False,
     ) -> Iterator[Batch]:
         batches: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        group_starts: dict[int, int] = {}  # the slots list each group's parameters in turn
         for index, slot in enumerate(slots):
             batches[_batch_key(slot)].append(index)
+            group_starts.setdefault(slot.group, index)
         runs: list[_Run] | None = []
         self.forget()
         for key, indices in batches.items():
@@ -464,7 +508,8 @@ class CompiledEngine:
             if write:
                 adopted = self._step(stages, members, bucket, hyperparameters[members[0].group])
                 if runs is not None and adopted:
-                    runs.append(_Run(bucket, members, stages))
+                    positions = [i - group_starts[members[0].group] for i in indices]
+                    runs.append(_Run(bucket, members, stages, positions))
                 else:
                     runs = None
                 yield [(i, []) for i in indices]
@@ -503,6 +548,11 @@ class CompiledEngine:
         ``.grad`` made their views), rather than a kernel reading them where they are."""
         return True
 
+    def gradients_in_place_from(self, device: torch.device) -> int | None:
+        """From how many elements on a new ``.grad`` on ``device`` is read where it is by the
+        steady state's kernel, rather than copied into the bucket (None: never)."""
+        return GRADIENTS_IN_PLACE_FROM if device.type == "cpu" else None
+
     def run_kernel(
         self,
         stages: Sequence[Stage],
@@ -517,6 +567,23 @@ class CompiledEngine:
         gradients, where the bucket keeps none (:meth:`grads_in_bucket`)."""
         program, coefficients = self._record(stages, hyperparameters, first, steps, bucket)
         _compiled(program.writing_source, bucket.parallel, bucket.device.type)(*bucket.buffers.values(), *coefficients)
+
+    def _run_kernel_in_pieces(
+        self,
+        stages: Sequence[Stage],
+        hyperparameters: Sequence[dict[str, Any]],
+        first: Slot,
+        steps: tuple[Any, ...],
+        bucket: FlatBucket,
+        outside: Mapping[int, Tensor],
+    ) -> None:
+        """:meth:`run_kernel`, with the gradients of members ``outside`` read from these
+        tensors instead of the gradient buffer: one call per such member, one per stretch of
+        the buffers between them (:meth:`FlatBucket.pieces`)."""
+        program, coefficients = self._record(stages, hyperparameters, first, steps, bucket)
+        kernel = _compiled(program.writing_source, bucket.parallel, bucket.device.type)
+        for piece in bucket.pieces("grad", outside):
+            kernel(*piece, *coefficients)
 
     def prepare_repeat(
         self,
@@ -534,10 +601,10 @@ class CompiledEngine:
         runs = self._runs
         if not runs:
             return None
-        per_group: list[list[Tensor]] = [[] for _ in params]
+        planned = [0] * len(params)
         for run in runs:
-            per_group[run.first.group].extend(run.params)
-        if any(not _all_are(live, planned) for live, planned in zip(params, per_group, strict=True)):
+            planned[run.first.group] += len(run.params)
+        if any(len(live) != count for live, count in zip(params, planned, strict=True)):
             return None
         # Looking a tensor up in the state dictionary costs a Python-level hash per parameter;
         # when the dictionary holds the same entries as last time, last time's lookups hold.
@@ -551,14 +618,13 @@ class CompiledEngine:
         )
         looked_up, copies, run_grads = [], [], []
         for run in runs:
-            group = run.first.group
-            start = next(i for i, p in enumerate(params[group]) if p is run.params[0])
-            live = params[group][start : start + len(run.params)]
+            live, live_grads = run.members_of(params[run.first.group]), run.members_of(grads[run.first.group])
+            if not _all_are(live, run.params):
+                return None
             try:
                 run_entries = run.entries if trusted else list(map(state.__getitem__, live))
             except KeyError:
                 return None
-            live_grads = grads[group][start : start + len(run.params)]
             moved = run.unchanged(live, live_grads, run_entries)
             if moved is None:
                 return None
@@ -580,11 +646,14 @@ class CompiledEngine:
         if any(len(run.first.steps) != len(stages) for run in plan.runs):
             return False
         for run, moved, grads in zip(plan.runs, plan.copies, plan.grads, strict=True):
-            if moved:
-                run.copy_grads(moved)
+            outside = run.copy_grads(moved, self.gradients_in_place_from(run.bucket.device)) if moved else {}
             steps = run.steps(stages)
-            in_place = None if run.grads is not None else grads
-            self.run_kernel(stages, hyperparameters[run.first.group], run.first, steps, run.bucket, in_place)
+            group_values = hyperparameters[run.first.group]
+            if outside:
+                self._run_kernel_in_pieces(stages, group_values, run.first, steps, run.bucket, outside)
+            else:
+                in_place = None if run.grads is not None else grads
+                self.run_kernel(stages, group_values, run.first, steps, run.bucket, in_place)
             for key, t in zip((s.step_key for s in stages), steps, strict=True):
                 if key is not None and t is not None:
                     run.bucket.counters[key].fill_(t)

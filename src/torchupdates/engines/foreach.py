@@ -296,6 +296,9 @@ class ForeachEngine(CompiledEngine):
     def grads_in_bucket(self, device: torch.device) -> bool:
         return device.type != "cpu"
 
+    def gradients_in_place_from(self, device: torch.device) -> int | None:
+        return None  # on the CPU no gradient is copied; on CUDA a new one always is
+
     def takes(self, members: Sequence[Slot]) -> bool:
         return (
             self.flattens(members[0].param.device)
