@@ -3,9 +3,11 @@
 ``in place``: ``.grad`` stays the same tensor between steps (a loop that zeroes gradients with
 ``zero_grad(set_to_none=False)``, or accumulates). ``copy``: every step finds a new ``.grad``
 tensor (torch's default ``zero_grad()`` sets gradients to None and backward allocates new
-ones). The compiled engine copies a new gradient into its flat buffer (and makes ``.grad`` a
-view of it, so the in-place path then reads it there); the foreach engine on CPU reads every
-gradient where it is, so its two paths should cost the same. Only ``step()`` is timed; the
+ones). The compiled engine reads a new gradient of 256K elements or more where it is (one
+kernel call for its tensor) and copies smaller ones into its flat buffer (a gradient found
+again at the next step becomes a view of the buffer, so the in-place path reads it there);
+the foreach engine on CPU reads every gradient where it is, so its two paths should cost
+about the same. Only ``step()`` is timed; the
 new gradients are made before the clock starts. Ratios compare with torch's fused and foreach
 Adam timed the same way.
 
