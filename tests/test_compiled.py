@@ -346,9 +346,8 @@ def test_new_large_gradients_are_read_where_they_are(monkeypatch: pytest.MonkeyP
     # A loop that makes new gradients every step (torch's default zero_grad()): on the CPU the
     # kernel reads a large new .grad where it is, one call for its member, instead of copying
     # it into the bucket. Here "large" is 8 elements or more. Copied instead: a gradient laid
-    # out otherwise than its parameter, one lying in the buffers (it must be read before the
-    # step writes), small ones, and any whose reading would leave a stretch of one element
-    # between calls (a kernel compiled again for length 1).
+    # out otherwise than its parameter, small ones, and any whose reading would leave a
+    # stretch of one element between calls (a kernel compiled again for length 1).
     from torchupdates.engines import compiled
 
     monkeypatch.setattr(compiled, "GRADIENTS_IN_PLACE_FROM", 8)
@@ -360,6 +359,7 @@ def test_new_large_gradients_are_read_where_they_are(monkeypatch: pytest.MonkeyP
         original(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(compiled.CompiledEngine, "_run_kernel_in_pieces", spy)
+    repeated = repeat_results(monkeypatch)
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -375,7 +375,7 @@ def test_new_large_gradients_are_read_where_they_are(monkeypatch: pytest.MonkeyP
         randn(5, 3).t(),  # 5: transposed, its gradient too: read in place
         randn(8, dtype=torch.complex64),  # 6: in a bucket of its own (another dtype): read in place
         randn(4),  # 7: small: copied
-        randn(3, 4),  # 8: its gradient is parameter 0: copied
+        randn(3, 4),  # 8: read in place
         randn(3, 4),  # 9: copied (its call would leave the last element alone)
         randn(),  # 10
     ]
@@ -384,7 +384,7 @@ def test_new_large_gradients_are_read_where_they_are(monkeypatch: pytest.MonkeyP
         made = torch.Generator().manual_seed(100 + step)
         grads = [torch.randn(p.shape, generator=made, dtype=p.dtype) for p in params]
         grads[2], grads[3] = (g.to(memory_format=channels_last) for g in grads[2:4])
-        if step == 0:  # (a step whose .grad it cannot make its view is not repeated)
+        if step == 0:
             grads[4] = grads[4].to(memory_format=channels_last)
         grads[5] = torch.randn(5, 3, generator=made).t()
         return grads
@@ -400,12 +400,16 @@ def test_new_large_gradients_are_read_where_they_are(monkeypatch: pytest.MonkeyP
                 grads[7] = previous[7]
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
-            params[8].grad = params[0].detach()
             with torch._dynamo.config.patch(error_on_recompile=step > 0):
                 opt.step()
             if engine == "compiled" and step > 0:
-                assert all(params[i].grad is grads[i] for i in (0, 3, 5, 6)), "read in place, not re-pointed"
+                assert all(params[i].grad is grads[i] for i in (0, 3, 5, 6, 8)), "read in place, not re-pointed"
                 assert (params[7].grad is grads[7]) == (step != 4), "re-pointed once it was kept"
         runs.append((opt, params))
     assert_same(*runs[0], *runs[1])
-    assert read_in_place == [[0, 3, 5], [0]] * 5  # members 0, 3, 5 of the first bucket; 6 of its own
+    # Members 0, 3, 5 and 8 (its 7th) of the first bucket, and 4 at the first step (its first
+    # gradient is laid out as it is); 6 in its own. The first step reads them in place too.
+    assert read_in_place == [[0, 3, 4, 5, 7], [0]] + [[0, 3, 5, 7], [0]] * 5
+    # Every step after the first repeats, on both engines, although the compiled engine cannot
+    # make every .grad its view (member 4's are laid out otherwise).
+    assert repeated == [True] * 10

@@ -573,3 +573,64 @@ def test_random_chains_agree_across_engines_and_with_the_update_dictionary(probl
     for value in first:
         if value.is_floating_point():
             assert torch.isfinite(value).all()
+
+
+# --- gradients that are the memory of what the step writes --------------------------------------
+
+
+def _aliased_steps(engine, mode, aliasing):
+    """Three steps of momentum in two param groups whose gradients are the memory of what the
+    step writes; ``mode``: ``step`` or ``updates`` (apply_updates of the update dictionary)."""
+    a = torch.nn.Parameter(torch.full((3, 4), 1.0))
+    b = torch.nn.Parameter(torch.full((3, 4), 2.0))
+    c = torch.nn.Parameter(torch.full((5,), 3.0))
+    opt = updates.momentum(
+        [{"params": [b, c]}, {"params": [a], "learning_rate": 0.5}], learning_rate=0.1, momentum=0.5, engine=engine
+    )
+    for _ in range(3):
+        if aliasing == ".grad is another group's parameter":
+            b.grad, c.grad, a.grad = torch.ones(3, 4), torch.ones(5), b.detach()
+            grads = None
+        elif aliasing == "listed gradients are the parameters":
+            grads = [a.detach(), c.detach(), b.detach()]  # b's is a, a's is b
+        else:  # a gradient is another group's state
+            velocity = opt.state[b].get("velocity", torch.zeros(3, 4))
+            grads = [torch.ones(3, 4), torch.ones(5), velocity]
+        if mode == "step":
+            opt.step(grads)
+        else:
+            updates.apply_updates(opt.updates(grads))
+    return [t.detach().clone() for t in (a, b, c)] + [opt.state[p]["velocity"].clone() for p in (a, b, c)]
+
+
+ALIASING = [".grad is another group's parameter", "listed gradients are the parameters", "a gradient is a state"]
+
+
+@pytest.mark.parametrize("aliasing", ALIASING)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gradients_are_read_before_the_step_writes(engine, aliasing):
+    # step(x) == apply_updates(updates(x)) holds when a gradient is the memory of a parameter
+    # or a state tensor, also of another param group, which an engine writes first: every
+    # gradient is read as it was before the step.
+    stepped, applied = _aliased_steps(engine, "step", aliasing), _aliased_steps(engine, "updates", aliasing)
+    for x, y in zip(stepped, applied, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_gradient_of_another_groups_parameter_by_hand():
+    # The first case by hand (float32 NumPy): b steps with gradient 1 (velocity v_b), a with
+    # gradient b as it was before the step.
+    f32 = np.float32
+    a, b, va, vb = f32(1.0), f32(2.0), f32(0.0), f32(0.0)
+    for _ in range(3):
+        grad_a = b
+        for name in ("b", "a"):
+            p, v, lr, g = (b, vb, f32(0.1), f32(1.0)) if name == "b" else (a, va, f32(0.5), grad_a)
+            x = f32(f32(0.5) * v) + f32(p - f32(lr * g))
+            v, p = f32(x - p), x
+            if name == "b":
+                b, vb = p, v
+            else:
+                a, va = p, v
+    stepped = _aliased_steps("foreach", "step", ALIASING[0])
+    assert stepped[0][0, 0].item() == a and stepped[1][0, 0].item() == b

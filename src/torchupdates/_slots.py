@@ -22,11 +22,21 @@ from torch import Tensor
 
 from .engines import Batch, Slot, Stage
 from .engines._chain import fits
+from .engines._flat import storage_address
 from .engines.reference import propose_reference
 from .grads import compute_grads, describe, given_grads
 from .transform import zero_state
 
-__all__ = ["LossOrGrads", "checked_gradients", "init_state", "make_slot", "run_closure", "traced_batches", "work_dtype"]
+__all__ = [
+    "LossOrGrads",
+    "checked_gradients",
+    "init_state",
+    "make_slot",
+    "run_closure",
+    "traced_batches",
+    "unaliased",
+    "work_dtype",
+]
 
 LossOrGrads = Tensor | Sequence[Tensor | None] | Callable[[], Any] | None
 """What a step takes: a scalar loss, one gradient per parameter, a closure, or ``None``."""
@@ -127,6 +137,26 @@ def checked_gradients(
         (position, group, param, checked_grad(position, group, param, grad, sparse, owner))
         for position, ((group, param), grad) in enumerate(zip(flat, gradients(loss_or_grads, flat), strict=True))
         if grad is not None and param.requires_grad
+    ]
+
+
+def unaliased(
+    checked: list[tuple[int, int, Tensor, Tensor]], state: Mapping[Tensor, Mapping[str, Any]]
+) -> list[tuple[int, int, Tensor, Tensor]]:
+    """The :func:`checked_gradients` entries of a step that writes, with a copy of each
+    gradient sharing memory with a parameter or a state tensor of the step (a gradient that
+    is another parameter, or its velocity): every gradient is then read as it was before the
+    step wrote anything, as ``apply_updates(updates(x))`` reads it, in whatever order an
+    engine writes its batches."""
+    targets: set[int | None] = set()
+    for _, _, param, _ in checked:
+        targets.add(storage_address(param))
+        targets.update(storage_address(value) for value in state.get(param, {}).values() if isinstance(value, Tensor))
+    unknown = None in targets  # then any gradient might be a target's memory
+    targets.add(None)  # and a gradient whose memory is unknown might be a target's
+    return [
+        (*entry[:3], entry[3].clone()) if unknown or storage_address(entry[3]) in targets else entry
+        for entry in checked
     ]
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from ._groups import stage_values
 from ._guards import SCALE_GRADIENTS, guard, kept
 from ._segments import constrain_written, ends_per_tensor, is_per_tensor, run_in_segments
-from ._slots import LossOrGrads, checked_gradients, make_slot, traced_batches
+from ._slots import LossOrGrads, checked_gradients, make_slot, traced_batches, unaliased
 from .engines import Batch, Stage
 from .engines.compiled import CompiledEngine
 
@@ -38,6 +38,8 @@ def proposals(opt: Optimizer, loss_or_grads: LossOrGrads, write: bool, traced: b
     none when ``skip_nonfinite`` skips the step. With ``write``, the engine may write some
     itself; the caller writes every pair it yields."""
     checked = checked_gradients(loss_or_grads, opt.param_groups, opt._stages, opt.rule_name)
+    if write and not traced:
+        checked = unaliased(checked, opt.state)
     # A final norm constraint on a step that writes: the engine writes the stages before
     # it, then the constraint rescales the written parameters (see _segments).
     final = opt._stages[-1] if write and not traced and ends_per_tensor(opt._stages) else None

@@ -195,15 +195,14 @@ def run_flat(
 
     Returns ``False``, having done nothing, unless every buffer has the working dtype (of
     ``first``, any member) and every gradient is a plain real CPU tensor of that dtype laid
-    out as its member's range and outside the buffers: :func:`run_batch` takes the rest.
+    out as its member's range: :func:`run_batch` takes the rest. No gradient may lie in the
+    buffers (a step copies such gradients first, or declines its steady state).
     """
     dtype = first.work_dtype
     keys = list(first.state)
     targets = [buffers["param"], *(buffers[key] for key in keys)]
     if any(buffer.dtype != dtype for buffer in targets):
         return False
-    bounds = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in targets]
-    lowest, highest = min(low for low, _ in bounds), max(high for _, high in bounds)
     job = _job(stages, hyperparameters, first, keys, chunk)
     if job is None:
         return True
@@ -217,9 +216,6 @@ def run_flat(
         numel = grad.numel()
         if numel and grad.stride() != span.strides:
             return False
-        address = grad.data_ptr()
-        if lowest <= address < highest and any(low <= address < high for low, high in bounds):
-            return False  # the gradient is a target's memory: run_batch copies it first
         if numel * 4 >= job.chunk or size + numel > job.chunk:
             if group:
                 tasks.append(functools.partial(_run_packed, job, [t[start : start + size] for t in targets], group))

@@ -15,7 +15,7 @@ computed for a tensor that is not a view is copied back (:meth:`FlatBucket.scatt
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,15 @@ PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def local(tensor: Tensor) -> Tensor:
     """The plain tensor holding this process's elements (a DTensor's shard)."""
     return getattr(tensor, "_local_tensor", tensor)
+
+
+def storage_address(tensor: Tensor) -> int | None:
+    """Where the tensor's storage begins (tensors sharing memory share storage), a DTensor's
+    shard's for a DTensor; None when it has no storage this can read."""
+    try:
+        return int(local(tensor).untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
 
 
 def real(tensor: Tensor) -> Tensor:
@@ -206,6 +215,7 @@ class FlatBucket:
         stretch of the buffers between such members or one member's ranges with its tensor
         (in memory order) in place of ``role``'s range. Stretches are never one element long
         when ``outside`` was chosen by :meth:`keep_pieces_long`."""
+        self._buffer(role)  # (made untouched when every range of it is read elsewhere)
         buffers = list(self.buffers.values())
         position = list(self.buffers).index(role)
         start = 0
@@ -251,10 +261,11 @@ class FlatBucket:
             self._held[role][index] = tensor
         return held
 
-    def gather(self, role: str, tensors: Sequence[Tensor]) -> list[int]:
-        """Copy into the buffer every tensor that is not already its own range; return their
-        member indices (those whose results must be copied back, unless adopted)."""
-        moved = [i for i, tensor in enumerate(tensors) if not self.holds(role, i, tensor)]
+    def gather(self, role: str, tensors: Sequence[Tensor], skip: Container[int] = ()) -> list[int]:
+        """Copy into the buffer every tensor that is not already its own range (but those of
+        members ``skip``); return their member indices (those whose results must be copied
+        back, unless adopted)."""
+        moved = [i for i, tensor in enumerate(tensors) if i not in skip and not self.holds(role, i, tensor)]
         with torch.no_grad():
             for i in moved:
                 self.view(role, i).copy_(local(tensors[i]))

@@ -28,8 +28,9 @@ import functools
 import linecache
 import operator
 import shutil
+import weakref
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from numbers import Real
@@ -315,6 +316,14 @@ def _addresses(tensors: Sequence[Tensor]) -> list[int]:
     return list(map(Tensor.data_ptr, tensors))
 
 
+def _lie_in(addresses: Sequence[int], bounds: Sequence[tuple[int, int]]) -> bool:
+    """Whether any address lies in any of the ``[low, high)`` ranges."""
+    if not addresses:
+        return False
+    lowest, highest = min(addresses), max(addresses)
+    return any(lowest < high and low <= highest and any(low <= a < high for a in addresses) for low, high in bounds)
+
+
 def _all_are(tensors: Sequence[object], expected: Sequence[object]) -> bool:
     return len(tensors) == len(expected) and all(map(operator.is_, tensors, expected))
 
@@ -324,7 +333,12 @@ class _Run:
     the next step can skip building slots, as long as :meth:`unchanged` holds."""
 
     def __init__(
-        self, bucket: FlatBucket, members: Sequence[Slot], stages: Sequence[Stage], positions: Sequence[int]
+        self,
+        bucket: FlatBucket,
+        members: Sequence[Slot],
+        stages: Sequence[Stage],
+        positions: Sequence[int],
+        grad_views: Sequence[Tensor | None],
     ) -> None:
         first = members[0]
         self.bucket = bucket
@@ -335,10 +349,15 @@ class _Run:
         start = positions[0]
         contiguous = list(positions) == list(range(start, start + len(positions)))
         self.positions: slice | list[int] = slice(start, start + len(positions)) if contiguous else list(positions)
-        # None: the kernel reads each step's gradients where they are (no gradient buffer).
-        self.grads = [slot.param.grad for slot in members] if "grad" in bucket.roles else None
-        # id() of each member's new .grad found by the last step (0: none): see copy_grads.
-        self.new_grad_ids = [0] * len(members)
+        # Each member's .grad where it is the bucket's view, else None (read or copied at every
+        # step); None for all: the kernel reads each step's gradients where they are (no
+        # gradient buffer).
+        self.grads = list(grad_views) if "grad" in bucket.roles else None
+        # Each member's .grad found by the last step when not the bucket's view: see copy_grads.
+        self.last_grads: list[weakref.ref[Tensor] | None] = [
+            None if view is not None or slot.param.grad is None else weakref.ref(slot.param.grad)
+            for slot, view in zip(members, grad_views, strict=True)
+        ]
         self.entries: Sequence[Mapping[str, Any]] = ()
         self.addresses = _addresses(self.params)
         self.held: dict[str, list[Tensor]] = {}
@@ -407,27 +426,33 @@ class _Run:
                 return None  # the ordinary step checks it and says what is wrong
         return moved
 
-    def copy_grads(self, moved: Sequence[int], in_place_from: int | None) -> dict[int, Tensor]:
-        """Copy the new gradients of ``moved`` members into the bucket.
+    def copy_grads(self, moved: Sequence[int], engine: CompiledEngine) -> dict[int, Tensor]:
+        """Bring the gradients of ``moved`` members (those whose ``.grad`` is not the bucket's
+        view) to the kernel. Return those it reads where they are, by member index
+        (:meth:`CompiledEngine.gradients_read_in_place`); copy the others into the bucket.
 
-        A gradient of at least ``in_place_from`` elements (None: none) that the kernel can
-        read where it is (:meth:`FlatBucket.readable_in_place`) is not copied: copying would
-        cost a pass over its memory at every step of a loop that makes new gradients
-        (torch's default ``zero_grad()``). Return those, by member index.
-
-        A copied gradient found again at the next step (a loop that keeps ``.grad``) has its
-        ``.grad`` made the bucket's view, which later steps then read without a copy; one
-        replaced at every step is only copied, as a new view per step would be wasted.
+        A ``.grad`` found again (the same tensor as at the last step: a loop that keeps its
+        gradients) is copied and becomes the bucket's view, so that later steps neither copy
+        it nor call the kernel for it alone. A new one (torch's default ``zero_grad()``, at
+        every step) is read where it is when large, else only copied: a view made for it
+        would be dropped by the next ``zero_grad()``.
         """
-        bucket = self.bucket
+        bucket, last = self.bucket, self.last_grads
         grads = {i: cast(Tensor, self.params[i].grad) for i in moved}
-        outside: dict[int, Tensor] = {}
-        if in_place_from is not None:
-            large = [i for i, grad in grads.items() if grad.numel() >= in_place_from]
-            large = [i for i in large if bucket.readable_in_place("grad", i, grads[i])]
-            outside = {i: grads.pop(i) for i in bucket.keep_pieces_long(large)}
-        if not grads:
-            return outside
+        kept = {i for i, grad in grads.items() if (seen := last[i]) is not None and seen() is grad}
+        outside = engine.gradients_read_in_place(bucket, [i for i in grads if i not in kept], grads)
+        for i in outside:
+            del grads[i]
+        if grads:
+            views = bucket.views("grad")
+            torch._foreach_copy_([views[i] for i in grads], list(grads.values()))
+        held = cast("list[Tensor | None]", self.grads)
+        for i, grad in chain(grads.items(), outside.items()):
+            if i in kept and _point_grad_at(self.params[i], bucket.view("grad", i)):
+                held[i], last[i] = self.params[i].grad, None
+            else:
+                last[i] = weakref.ref(grad)
+        return outside
         views = bucket.views("grad")
         torch._foreach_copy_([views[i] for i in grads], list(grads.values()))
         held, seen = cast("list[Tensor]", self.grads), self.new_grad_ids
@@ -506,10 +531,10 @@ class CompiledEngine:
                 continue
             bucket = self._bucket(key, members)
             if write:
-                adopted = self._step(stages, members, bucket, hyperparameters[members[0].group])
-                if runs is not None and adopted:
+                grad_views = self._step(stages, members, bucket, hyperparameters[members[0].group])
+                if runs is not None and grad_views is not None:
                     positions = [i - group_starts[members[0].group] for i in indices]
-                    runs.append(_Run(bucket, members, stages, positions))
+                    runs.append(_Run(bucket, members, stages, positions, grad_views))
                 else:
                     runs = None
                 yield [(i, []) for i in indices]
@@ -617,6 +642,12 @@ class CompiledEngine:
             and all(map(operator.is_, state.values(), seen[2]))
         )
         looked_up, copies, run_grads = [], [], []
+        bounds = [  # of the buffers a kernel writes
+            (buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size())
+            for run in runs
+            for role, buffer in run.bucket.buffers.items()
+            if role != "grad"
+        ]
         for run in runs:
             live, live_grads = run.members_of(params[run.first.group]), run.members_of(grads[run.first.group])
             if not _all_are(live, run.params):
@@ -628,6 +659,9 @@ class CompiledEngine:
             moved = run.unchanged(live, live_grads, run_entries)
             if moved is None:
                 return None
+            read = live_grads if run.grads is None else [live_grads[i] for i in moved]
+            if _lie_in(list(map(Tensor.data_ptr, read)), bounds):
+                return None  # a gradient is the memory of a target: the ordinary step copies it first
             looked_up.append(run_entries)
             copies.append(moved)
             run_grads.append(live_grads)
@@ -646,7 +680,7 @@ class CompiledEngine:
         if any(len(run.first.steps) != len(stages) for run in plan.runs):
             return False
         for run, moved, grads in zip(plan.runs, plan.copies, plan.grads, strict=True):
-            outside = run.copy_grads(moved, self.gradients_in_place_from(run.bucket.device)) if moved else {}
+            outside = run.copy_grads(moved, self) if moved else {}
             steps = run.steps(stages)
             group_values = hyperparameters[run.first.group]
             if outside:
@@ -740,33 +774,59 @@ class CompiledEngine:
         members: Sequence[Slot],
         bucket: FlatBucket,
         hyperparameters: Sequence[dict[str, Any]],
-    ) -> bool:
-        """Write one batch's step; return whether every tensor is now a view of the bucket."""
+    ) -> list[Tensor | None] | None:
+        """Write one batch's step. When every parameter, state tensor and step counter is now
+        a view of the bucket, return each member's ``.grad`` where it is the bucket's view
+        (None where it is not, or the bucket keeps no gradients); else None."""
         targets = {"param": [s.param for s in members], **{k: [s.state[k] for s in members] for k in members[0].state}}
-        in_bucket = "grad" in bucket.roles
+        grads = [s.grad for s in members]
+        outside = self.gradients_read_in_place(bucket, range(len(members)), grads)
         # Role by role, in the buffers' order; each tensor adopted as soon as it is copied in.
         copied_back: dict[str, list[int]] = {}
         moved_grads: list[int] = []
         for role in bucket.roles:
             if role == "grad":
-                moved_grads = bucket.gather("grad", [s.grad for s in members])
+                moved_grads = bucket.gather("grad", grads, skip=outside)
             else:
                 copied_back[role] = bucket.take(role, targets[role])
         adopted = not any(copied_back.values())
+        first = members[0]
         with torch.no_grad():
-            grads = None if in_bucket else [s.grad for s in members]
-            self.run_kernel(stages, hyperparameters, members[0], members[0].steps, bucket, grads)
+            if outside:
+                self._run_kernel_in_pieces(stages, hyperparameters, first, first.steps, bucket, outside)
+            else:
+                in_place = None if "grad" in bucket.roles else grads
+                self.run_kernel(stages, hyperparameters, first, first.steps, bucket, in_place)
             for role, indices in copied_back.items():
                 for i in indices:
                     local(targets[role][i]).copy_(bucket.view(role, i))
+            # Only .grad is ours to re-point; a gradient passed to step() is the caller's.
+            views: list[Tensor | None] = [
+                None if i in outside or slot.grad is not slot.param.grad else slot.grad
+                for i, slot in enumerate(members)
+            ]
             for i in moved_grads:
                 slot = members[i]
-                # Only .grad is ours to re-point; a gradient passed to step() is the caller's.
-                if slot.grad is not slot.param.grad or not _point_grad_at(slot.param, bucket.view("grad", i)):
-                    adopted = False
-            first = members[0]
+                pointed = views[i] is not None and _point_grad_at(slot.param, bucket.view("grad", i))
+                views[i] = slot.param.grad if pointed else None
             for stage, t in zip(stages, first.steps, strict=True):
                 if stage.step_key is not None and t is not None:
                     counters = [slot.counters[stage.step_key] for slot in members]
                     adopted = bucket.set_counters(stage.step_key, t, counters) and adopted
-        return adopted
+        if not adopted:
+            return None
+        return views if "grad" in bucket.roles else [None] * len(members)
+
+    def gradients_read_in_place(
+        self, bucket: FlatBucket, candidates: Iterable[int], grads: Mapping[int, Tensor] | Sequence[Tensor]
+    ) -> dict[int, Tensor]:
+        """Which of the ``candidates`` (member indices) a kernel reads where their gradient
+        ``grads[i]`` is, rather than copied into the bucket: large enough
+        (:meth:`gradients_in_place_from`), laid out as their range and outside the buffers,
+        and not leaving a stretch of one element between kernel calls."""
+        in_place_from = self.gradients_in_place_from(bucket.device)
+        if in_place_from is None or "grad" not in bucket.roles:
+            return {}
+        large = [i for i in candidates if grads[i].numel() >= in_place_from]
+        large = [i for i in large if bucket.readable_in_place("grad", i, grads[i])]
+        return {i: grads[i] for i in bucket.keep_pieces_long(large)}

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..formula import ELEMENTWISE, ForeachGraph, Node, Scalar, ScalarKind, Symbol, probe_operands, scalar_kind
 from . import _cpu
 from ._chain import Batch, Slot, Stage, pairs_for_slot, run_chain, to_work
-from ._flat import FlatBucket
+from ._flat import FlatBucket, storage_address
 from .compiled import CompiledEngine
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -76,38 +76,11 @@ def _chunks(indices: list[int], slots: Sequence[Slot]) -> Iterator[list[int]]:
         yield chunk
 
 
-def _storage(tensor: Tensor) -> int | None:
-    """Where the tensor's storage begins (tensors sharing memory share storage)."""
-    local = tensor if type(tensor) in _PLAIN else getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
-    try:
-        return int(local.untyped_storage().data_ptr())
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return None
-
-
 def _may_write_in_place(members: Sequence[Slot]) -> bool:
     """Whether targets can be overwritten during the run: no gradient shares their memory."""
-    targets = {_storage(t) for s in members for t in (s.param, *s.state.values())}
-    grads = {_storage(s.grad) for s in members}
+    targets = {storage_address(t) for s in members for t in (s.param, *s.state.values())}
+    grads = {storage_address(s.grad) for s in members}
     return None not in targets and None not in grads and not targets & grads
-
-
-def _unaliased(slots: Sequence[Slot]) -> Sequence[Slot]:
-    """The slots, with a copy of each gradient that shares memory with a parameter or state."""
-    storage = _storage
-    targets = {storage(s.param) for s in slots}
-    for s in slots:
-        for t in s.state.values():
-            targets.add(storage(t))
-    unknown = None in targets  # then any gradient might be a target's memory
-    targets.add(None)  # and a gradient whose memory is unknown might be a target's
-    shared = [i for i, s in enumerate(slots) if unknown or storage(s.grad) in targets]
-    if not shared:
-        return slots
-    copied = list(slots)
-    for i in shared:
-        copied[i] = dataclasses.replace(slots[i], grad=slots[i].grad.clone())
-    return copied
 
 
 _IN_PLACE: dict[str, Callable[..., None]] = {
@@ -199,12 +172,10 @@ def propose_foreach(
     batches: dict[Hashable, list[int]] = defaultdict(list)
     for index, slot in enumerate(slots):
         batches[_batch_key(slot)].append(index)
+    # Chunks write as they go: no gradient is the memory of a target of the step (a step
+    # copies such gradients first, see _slots.unaliased).
     fast = write and not torch.compiler.is_compiling()
     threads = cpu_workers()
-    if fast:
-        # Chunks write as they go, so a gradient must not be the memory of any target of the
-        # step: such gradients are read once, up front (what apply_updates(updates(x)) does).
-        slots = _unaliased(slots)
     for batch in batches.values():
         members = [slots[i] for i in batch]
         if fast and _cpu.run_batch(stages, members, hyperparameters[members[0].group], CPU_CHUNK_ELEMENTS, threads):
