@@ -32,7 +32,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from numbers import Real
 from typing import Any, cast
 
@@ -316,6 +316,23 @@ def _addresses(tensors: Sequence[Tensor]) -> list[int]:
     return list(map(Tensor.data_ptr, tensors))
 
 
+_LAYOUT, _SHAPE = operator.attrgetter("layout"), operator.attrgetter("shape")
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+
+
+def _all_fit(grads: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
+    """Whether every gradient is a plain dense tensor that :func:`fits` its parameter, for a
+    batch whose parameters share one dtype and device: the same checks by C-level loops."""
+    dtype, device = params[0].dtype, params[0].device
+    return (
+        all(map(PLAIN_TENSORS.__contains__, map(type, grads)))
+        and all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided)))
+        and all(map(operator.eq, map(_SHAPE, grads), map(_SHAPE, params)))
+        and all(map(operator.is_, map(_DTYPE, grads), repeat(dtype)))
+        and all(map(operator.eq, map(_DEVICE, grads), repeat(device)))
+    )
+
+
 def _lie_in(addresses: Sequence[int], bounds: Sequence[tuple[int, int]]) -> bool:
     """Whether any address lies in any of the ``[low, high)`` ranges."""
     if not addresses:
@@ -414,10 +431,9 @@ class _Run:
             if low != high:
                 return None
         if self.grads is None:
-            plain = all(type(grad) in PLAIN_TENSORS for grad in grads)
-            return [] if plain and all(map(fits, grads, params)) else None
-        # A gradient held from the last step is the bucket's own view (a run exists only when
-        # every .grad was made one), so its identity is the check.
+            return [] if _all_fit(grads, params) else None
+        # A gradient held from the last step is the bucket's own view, so its identity is the
+        # check; a member whose .grad is not (held None) is always moved.
         if _all_are(grads, self.grads):
             return []
         moved = [i for i, (grad, held) in enumerate(zip(grads, self.grads, strict=True)) if grad is not held]
