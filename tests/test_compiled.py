@@ -346,8 +346,8 @@ def test_new_large_gradients_are_read_where_they_are(monkeypatch: pytest.MonkeyP
     # A loop that makes new gradients every step (torch's default zero_grad()): on the CPU the
     # kernel reads a large new .grad where it is, one call for its member, instead of copying
     # it into the bucket. Here "large" is 8 elements or more. Copied instead: a gradient laid
-    # out otherwise than its parameter, small ones, and any whose reading would leave a
-    # stretch of one element between calls (a kernel compiled again for length 1).
+    # out otherwise than its parameter, and small ones (which lie together after the large
+    # members: one call for them all).
     from torchupdates.engines import compiled
 
     monkeypatch.setattr(compiled, "GRADIENTS_IN_PLACE_FROM", 8)
@@ -368,16 +368,15 @@ def test_new_large_gradients_are_read_where_they_are(monkeypatch: pytest.MonkeyP
     channels_last = torch.channels_last
     tensors = [
         randn(3, 4),  # 0: read in place
-        randn(),  # 1: one element between 0 and 2
-        randn(2, 3, 4, 5).to(memory_format=channels_last),  # 2: copied (its call would leave 1 alone)
+        randn(),  # 1: small: copied
+        randn(2, 3, 4, 5).to(memory_format=channels_last),  # 2: read in place
         randn(2, 3, 4, 5).to(memory_format=channels_last),  # 3: read in place
         randn(2, 3, 4, 5).to(memory_format=channels_last),  # 4: its gradients contiguous: copied
         randn(5, 3).t(),  # 5: transposed, its gradient too: read in place
         randn(8, dtype=torch.complex64),  # 6: in a bucket of its own (another dtype): read in place
         randn(4),  # 7: small: copied
         randn(3, 4),  # 8: read in place
-        randn(3, 4),  # 9: copied (its call would leave the last element alone)
-        randn(),  # 10
+        randn(),  # 9: small: copied
     ]
 
     def new_grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
@@ -403,13 +402,45 @@ def test_new_large_gradients_are_read_where_they_are(monkeypatch: pytest.MonkeyP
             with torch._dynamo.config.patch(error_on_recompile=step > 0):
                 opt.step()
             if engine == "compiled" and step > 0:
-                assert all(params[i].grad is grads[i] for i in (0, 3, 5, 6, 8)), "read in place, not re-pointed"
+                assert all(params[i].grad is grads[i] for i in (0, 2, 3, 5, 6, 8)), "read in place, not re-pointed"
                 assert (params[7].grad is grads[7]) == (step != 4), "re-pointed once it was kept"
         runs.append((opt, params))
     assert_same(*runs[0], *runs[1])
-    # Members 0, 3, 5 and 8 (its 7th) of the first bucket, and 4 at the first step (its first
-    # gradient is laid out as it is); 6 in its own. The first step reads them in place too.
-    assert read_in_place == [[0, 3, 4, 5, 7], [0]] + [[0, 3, 5, 7], [0]] * 5
+    # Members 0, 2, 3, 5 and 8 (its 7th) of the first bucket, and 4 at the first step (its
+    # first gradient is laid out as it is); 6 in its own. The first step reads them in place too.
+    assert read_in_place == [[0, 2, 3, 4, 5, 7], [0]] + [[0, 2, 3, 5, 7], [0]] * 5
     # Every step after the first repeats, on both engines, although the compiled engine cannot
     # make every .grad its view (member 4's are laid out otherwise).
     assert repeated == [True] * 10
+
+
+def test_pieces_cover_the_buffers_and_are_never_one_element_long() -> None:
+    # A kernel run in pieces (gradients of members read where they are) covers every element
+    # once, and no stretch between those members is one element long (a kernel with dynamic
+    # shapes compiles again for length 1): a member whose piece would leave one is dropped.
+    from torchupdates.engines._flat import FlatBucket
+
+    def pieces(bucket: FlatBucket, outside: list[int]) -> list[tuple[str, int]]:
+        grads = {i: torch.zeros(bucket.spans[i].shape) for i in bucket.keep_pieces_long(outside)}
+        made = []
+        for piece in bucket.pieces("grad", grads):
+            index = next((i for i, g in grads.items() if g.data_ptr() == piece[1].data_ptr()), None)
+            assert len({t.numel() for t in piece}) == 1
+            made.append(("stretch" if index is None else f"member {index}", piece[0].numel()))
+        assert sum(n for _, n in made) == bucket.buffers["param"].numel()
+        return made
+
+    def bucket(shapes: list[tuple[int, ...]], large_first_from: int | None) -> FlatBucket:
+        params = [torch.zeros(shape) for shape in shapes]
+        roles = {"param": torch.float32, "grad": torch.float32}
+        made = FlatBucket(params, roles, torch.device("cpu"), 1 << 16, large_first_from)
+        made.take("param", params)
+        return made
+
+    shapes: list[tuple[int, ...]] = [(4,), (), (3,), (5,), ()]
+    # In the members' order, member 2 would leave member 1 alone, member 3 member 4 at the end.
+    assert pieces(bucket(shapes, None), [0, 2, 3]) == [("member 0", 4), ("stretch", 10)]
+    large_first = bucket(shapes, 3)  # ranges of members 0, 2 and 3, then of 1 and 4
+    assert large_first.memory_order == [0, 2, 3, 1, 4]
+    assert pieces(large_first, [0, 2, 3]) == [("member 0", 4), ("member 2", 3), ("member 3", 5), ("stretch", 2)]
+    assert pieces(bucket([(4,), (3,), ()], 3), [0, 1]) == [("member 0", 4), ("stretch", 4)]

@@ -188,7 +188,8 @@ def run_flat(
     threads: int = 1,
 ) -> bool:
     """Step a flat bucket in place: ``buffers`` hold the members' parameters and state (one
-    range per member, ``spans``), ``grads`` are the members' gradients, read where they are.
+    range per member, ``spans``), ``grads`` are the members' gradients, read where they are,
+    both in the order of the ranges.
     A large member runs in chunks of its own ranges; small neighbours run together, on their
     ranges of the buffers as they lie, with their gradients packed into one register.
     ``first`` carries this step's numbers and which stages apply.

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_Item = TypeVar("_Item")
 
 
 def local(tensor: Tensor) -> Tensor:
@@ -105,6 +107,11 @@ class FlatBucket:
         Where the buffers live.
     parallel_elements : int
         From this many elements on, a CPU kernel over the buffers should use threads.
+    large_first_from : int, optional
+        Members of at least this many (real) elements get the first ranges, the others
+        follow, each part in the members' order: the small members lie side by side, so
+        that a kernel run in pieces (:meth:`pieces`) or in packed groups needs fewer calls
+        when a model interleaves weights and biases. None: ranges in the members' order.
     """
 
     def __init__(
@@ -113,15 +120,22 @@ class FlatBucket:
         roles: dict[str, torch.dtype],
         device: torch.device,
         parallel_elements: int,
+        large_first_from: int | None = None,
     ) -> None:
         self.params = list(params)
         self.device = device
-        self.spans: list[Span] = []
+        sizes = [real(local(param)).numel() for param in self.params]
+        large = [] if large_first_from is None else [i for i, n in enumerate(sizes) if n >= large_first_from]
+        taken = set(large)
+        self.memory_order = large + [i for i in range(len(sizes)) if i not in taken]
+        """Member indices in the order of their ranges."""
+        self._in_order = not large or large == list(range(len(large)))
+        offsets = [0] * len(sizes)
         total = 0
-        for param in self.params:
-            span = _span(param, total)
-            self.spans.append(span)
-            total += span.numel
+        for index in self.memory_order:
+            offsets[index] = total
+            total += sizes[index]
+        self.spans = [_span(param, offset) for param, offset in zip(self.params, offsets, strict=True)]
         self.numel = total
         self.parallel = device.type != "cpu" or total >= parallel_elements
         self.roles = dict(roles)
@@ -174,6 +188,13 @@ class FlatBucket:
     def view(self, role: str, index: int) -> Tensor:
         return self.spans[index].view(self._buffer(role))
 
+    def in_memory_order(self, items: Sequence[_Item]) -> Sequence[_Item]:
+        """``items``, one per member, in the order of the members' ranges."""
+        return items if self._in_order else [items[i] for i in self.memory_order]
+
+    def _offset(self, index: int) -> int:
+        return self.spans[index].offset
+
     def readable_in_place(self, role: str, index: int, tensor: Tensor) -> bool:
         """Whether a kernel may read member ``index``'s ``role`` from ``tensor`` where it is
         instead of from its range: a plain tensor of the buffer's dtype, laid out as the range
@@ -193,12 +214,12 @@ class FlatBucket:
         )
 
     def keep_pieces_long(self, outside: Sequence[int]) -> list[int]:
-        """The members of ``outside`` (ascending) left after dropping those that would leave a
-        stretch of one element between them (:meth:`pieces`): a kernel with dynamic shapes is
-        compiled again for length 1. A dropped member joins the stretches around it."""
+        """The members of ``outside`` left after dropping those that would leave a stretch of
+        one element between them (:meth:`pieces`): a kernel with dynamic shapes is compiled
+        again for length 1. A dropped member joins the stretches around it."""
         kept: list[int] = []
         end = 0
-        for index in outside:
+        for index in sorted(outside, key=self._offset):
             span = self.spans[index]
             if span.offset - end == 1:
                 continue
@@ -219,7 +240,7 @@ class FlatBucket:
         buffers = list(self.buffers.values())
         position = list(self.buffers).index(role)
         start = 0
-        for index in sorted(outside):
+        for index in sorted(outside, key=self._offset):
             span = self.spans[index]
             if span.offset > start:
                 yield [buffer[start : span.offset] for buffer in buffers]

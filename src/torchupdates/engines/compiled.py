@@ -719,7 +719,11 @@ class CompiledEngine:
             if self.grads_in_bucket(first.param.device):
                 roles["grad"] = real(first.grad).dtype
             roles.update({key: real(tensor).dtype for key, tensor in first.state.items()})
-            bucket = FlatBucket([slot.param for slot in members], roles, first.param.device, PARALLEL_ELEMENTS)
+            device = first.param.device
+            # On the CPU large members come first: the kernel's pieces (gradients read in place)
+            # and the eager engine's packed groups then find the small ones side by side.
+            large_first = GRADIENTS_IN_PLACE_FROM if device.type == "cpu" else None
+            bucket = FlatBucket([slot.param for slot in members], roles, device, PARALLEL_ELEMENTS, large_first)
             # A parameter belongs to one bucket: drop older buckets of any of these parameters.
             taken = set(ids)
             self._buckets = {k: b for k, b in self._buckets.items() if not taken & {id(p) for p in b.params}}

@@ -300,7 +300,8 @@ class ForeachEngine(CompiledEngine):
         if grads is not None and not torch.compiler.is_compiling():
             this_step = first if first.steps == steps else dataclasses.replace(first, steps=steps)
             chunk, workers = CPU_CHUNK_ELEMENTS, cpu_workers()
-            if _cpu.run_flat(stages, hyperparameters, this_step, bucket.buffers, bucket.spans, grads, chunk, workers):
+            spans, ordered = bucket.in_memory_order(bucket.spans), bucket.in_memory_order(grads)
+            if _cpu.run_flat(stages, hyperparameters, this_step, bucket.buffers, spans, ordered, chunk, workers):
                 return
         # The bucket keeps the step counters: these only receive what the run would write.
         counters = {
