@@ -399,7 +399,8 @@ def test_new_large_gradients_are_read_where_they_are(monkeypatch: pytest.MonkeyP
                 grads[7] = previous[7]
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
-            with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            # One kernel serves every piece and the whole buffers: nothing compiles again.
+            with torch._dynamo.config.patch(error_on_recompile=True):
                 opt.step()
             if engine == "compiled" and step > 0:
                 assert all(params[i].grad is grads[i] for i in (0, 2, 3, 5, 6, 8)), "read in place, not re-pointed"

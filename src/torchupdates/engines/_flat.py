@@ -40,6 +40,16 @@ def storage_address(tensor: Tensor) -> int | None:
         return None
 
 
+def flat_alias(tensor: Tensor, start: int, length: int) -> Tensor:
+    """``length`` elements of a dense tensor's memory from its element ``start`` on (in
+    memory order), as a 1-D tensor that is not a view: made by ``set_`` on its storage.
+    ``torch.compile`` guards a view input on its base, so kernels called on slices of
+    different tensors would be compiled again and again; tensors like this one look like
+    the whole buffers a kernel is first compiled for."""
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset() + start, (length,), (1,))
+
+
 def real(tensor: Tensor) -> Tensor:
     """A complex tensor viewed as real (a trailing dimension of 2); others unchanged."""
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
@@ -243,15 +253,13 @@ class FlatBucket:
         for index in sorted(outside, key=self._offset):
             span = self.spans[index]
             if span.offset > start:
-                yield [buffer[start : span.offset] for buffer in buffers]
-            end = span.offset + span.numel
-            piece = [buffer[span.offset : end] for buffer in buffers]
-            tensor = real(outside[index])
-            piece[position] = tensor.as_strided((span.numel,), (1,), tensor.storage_offset())
+                yield [flat_alias(buffer, start, span.offset - start) for buffer in buffers]
+            piece = [flat_alias(buffer, span.offset, span.numel) for buffer in buffers]
+            piece[position] = flat_alias(real(outside[index]), 0, span.numel)
             yield piece
-            start = end
+            start = span.offset + span.numel
         if start < buffers[0].numel():
-            yield [buffer[start:] for buffer in buffers]
+            yield [flat_alias(buffer, start, buffers[0].numel() - start) for buffer in buffers]
 
     def views(self, role: str) -> list[Tensor]:
         """Every member's range of ``role``'s buffer, made once (new tensors, never handed to
