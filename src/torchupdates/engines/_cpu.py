@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, cast
 
 import torch
@@ -202,7 +204,7 @@ def run_flat(
     dtype = first.work_dtype
     keys = list(first.state)
     targets = [buffers["param"], *(buffers[key] for key in keys)]
-    if any(buffer.dtype != dtype for buffer in targets):
+    if any(buffer.dtype != dtype for buffer in targets) or not _laid_out_as(grads, spans, dtype):
         return False
     job = _job(stages, hyperparameters, first, keys, chunk)
     if job is None:
@@ -210,13 +212,8 @@ def run_flat(
     tasks: list[Callable[[], None]] = []
     group: list[Tensor] = []
     start = size = 0
-    # Every gradient is checked before any task runs.
     for grad, span in zip(grads, spans, strict=True):
-        if type(grad) not in _PLAIN or grad.dtype != dtype or not grad.is_cpu:
-            return False  # complex gradients too (the buffers are real)
         numel = grad.numel()
-        if numel and grad.stride() != span.strides:
-            return False
         if numel * 4 >= job.chunk or size + numel > job.chunk:
             if group:
                 tasks.append(functools.partial(_run_packed, job, [t[start : start + size] for t in targets], group))
@@ -232,6 +229,26 @@ def run_flat(
         tasks.append(functools.partial(_run_packed, job, [t[start : start + size] for t in targets], group))
     _run(job, tasks, threads)
     return True
+
+
+_DTYPE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("is_cpu")
+
+
+def _laid_out_as(grads: Sequence[Tensor], spans: Sequence[Span], dtype: torch.dtype) -> bool:
+    """Whether every gradient is a plain CPU tensor of ``dtype`` (so not complex: the buffers
+    are real) strided as its member's range (an empty one: any strides); by C-level loops."""
+    if not (
+        all(map(_PLAIN.__contains__, map(type, grads)))
+        and all(map(operator.is_, map(_DTYPE, grads), repeat(dtype)))
+        and all(map(_IS_CPU, grads))
+    ):
+        return False
+    strides = list(map(Tensor.stride, grads))
+    expected = [span.strides for span in spans]
+    return strides == expected or all(
+        stride == span_strides or grad.numel() == 0
+        for grad, stride, span_strides in zip(grads, strides, expected, strict=True)
+    )
 
 
 def _run(job: _Job, tasks: Sequence[Callable[[], None]], threads: int) -> None:
