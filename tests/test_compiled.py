@@ -137,8 +137,8 @@ def test_replaced_gradients_parameters_and_state(monkeypatch: pytest.MonkeyPatch
     repeated: list[bool] = []
     original = optimizer.step_again
 
-    def spy(opt: torchupdates.Optimizer) -> bool:
-        stepped = original(opt)
+    def spy(opt: torchupdates.Optimizer, given: object = None) -> bool:
+        stepped = original(opt, given)  # type: ignore[arg-type]
         if opt.engine == "compiled":
             repeated.append(stepped)
         return stepped
@@ -445,3 +445,39 @@ def test_pieces_cover_the_buffers_and_are_never_one_element_long() -> None:
     assert large_first.memory_order == [0, 2, 3, 1, 4]
     assert pieces(large_first, [0, 2, 3]) == [("member 0", 4), ("member 2", 3), ("member 3", 5), ("stretch", 2)]
     assert pieces(bucket([(4,), (3,), ()], 3), [0, 1]) == [("member 0", 4), ("stretch", 4)]
+
+
+@pytest.mark.parametrize("given", ["list", "loss", "the same list"])
+def test_gradients_passed_to_step_take_the_steady_state(monkeypatch: pytest.MonkeyPatch, given: str) -> None:
+    # step(grads) and step(loss), Lasagne's way, repeat as a loop over .grad does (no slots per
+    # parameter), with the same numbers as the reference engine; .grad is left as it is, and
+    # a bad gradient is still refused before anything is written.
+    repeated = repeat_results(monkeypatch)
+    runs = []
+    for engine in ("reference", "foreach", "compiled"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        params = list(model.parameters())
+        opt = torchupdates.apply_momentum(torchupdates.adam(params, 0.01, engine=engine), params[:2])
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+        kept = [torch.full_like(p, 0.1) for p in params]  # the caller's: never made .grad
+        own = [torch.zeros_like(p) for p in params]  # .grad, which a step given gradients ignores
+        for p, g in zip(params, own, strict=True):
+            p.grad = g
+        for _ in range(5):
+            loss = model(x).pow(2).mean()
+            if given == "the same list":
+                opt.step(kept)
+            else:
+                opt.step(loss if given == "loss" else list(torch.autograd.grad(loss, params)))
+            assert all(p.grad is g for p, g in zip(params, own, strict=True))
+        before = [p.detach().clone() for p in params]
+        bad = [torch.zeros_like(p) for p in params]
+        bad[2] = torch.zeros(3, 8)
+        with pytest.raises(ValueError, match=r"gradient of parameter 2 .* has shape \(3, 8\)"):
+            opt.step(bad)
+        assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+        runs.append((opt, params))
+    assert_same(*runs[0], *runs[1])
+    assert_same(*runs[0], *runs[2])
+    assert repeated == [True] * 8  # steps 2 to 5 of the foreach and compiled engines

@@ -33,6 +33,7 @@ __all__ = [
     "init_state",
     "make_slot",
     "run_closure",
+    "step_gradients",
     "traced_batches",
     "unaliased",
     "work_dtype",
@@ -67,6 +68,13 @@ def work_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
     if state_dtype is not None and state_dtype.itemsize > dtype.itemsize and not param.is_complex():
         return state_dtype
     return dtype
+
+
+def step_gradients(loss_or_grads: LossOrGrads, param_groups: Sequence[Mapping[str, Any]]) -> list[Tensor | None]:
+    """One gradient (or ``None``) per parameter of ``param_groups``, in their order, as
+    :func:`gradients` gives them (a loss differentiated now, a list's length checked)."""
+    flat = [(index, param) for index, group in enumerate(param_groups) for param in group["params"]]
+    return gradients(loss_or_grads, flat)
 
 
 def gradients(loss_or_grads: LossOrGrads, flat: Sequence[tuple[int, Tensor]]) -> list[Tensor | None]:

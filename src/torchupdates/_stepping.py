@@ -101,10 +101,11 @@ def _guarded(
     return guarded.grads, stages, values, guarded.keep
 
 
-def step_again(opt: Optimizer) -> bool:
-    """The flat-buffer engines' steady state: step ``opt`` from ``.grad`` without building
-    slots when the engine can prove nothing changed since its last step. Say whether it
-    stepped (or skipped the step: ``skip_nonfinite``); False leaves everything as it was."""
+def step_again(opt: Optimizer, given: Sequence[Tensor | None] | None = None) -> bool:
+    """The flat-buffer engines' steady state: step ``opt`` from ``.grad``, or from ``given``
+    gradients (one per parameter, in the groups' order, ``None`` to skip one), without
+    building slots when the engine can prove nothing changed since its last step. Say whether
+    it stepped (or skipped the step: ``skip_nonfinite``); False leaves everything as it was."""
     engine = opt._engine_runner()
     final = opt._stages[-1] if ends_per_tensor(opt._stages) else None
     if (
@@ -114,8 +115,12 @@ def step_again(opt: Optimizer) -> bool:
         or not opt.param_groups
     ):
         return False
-    live, live_grads = zip(*map(_with_gradients, opt.param_groups), strict=True)
-    plan = engine.prepare_repeat(live, live_grads, opt.state)
+    if given is None:
+        live, live_grads = zip(*map(_with_gradients, opt.param_groups), strict=True)
+    else:
+        per_group = _per_group(opt.param_groups, given)
+        live, live_grads = zip(*map(_with_gradients, opt.param_groups, per_group), strict=True)
+    plan = engine.prepare_repeat(live, live_grads, opt.state, given is not None)
     if plan is None:
         return False
     guards = opt.max_grad_norm is not None or opt.skip_nonfinite
@@ -140,12 +145,24 @@ _GRAD = operator.attrgetter("grad")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
-def _with_gradients(group: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+def _per_group(groups: Sequence[Mapping[str, Any]], grads: Sequence[Tensor | None]) -> list[Sequence[Tensor | None]]:
+    """A flat list of one gradient per parameter, cut into the groups'."""
+    cut, start = [], 0
+    for group in groups:
+        cut.append(grads[start : start + len(group["params"])])
+        start += len(group["params"])
+    return cut
+
+
+def _with_gradients(
+    group: Mapping[str, Any], given: Sequence[Tensor | None] | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
     """The group's parameters that a step updates (they have a gradient and require one),
-    and their gradients, each attribute read once by a C-level loop: with thousands of small
-    tensors, these reads are most of the steady state's time."""
+    and their gradients (``.grad``, or those ``given``), each attribute read once by a
+    C-level loop: with thousands of small tensors, these reads are most of the steady
+    state's time."""
     params: list[Tensor] = group["params"]
-    grads: list[Tensor | None] = list(map(_GRAD, params))
+    grads: list[Tensor | None] = list(map(_GRAD, params)) if given is None else list(given)
     if all(map(_REQUIRES_GRAD, params)) and not any(map(operator.is_, grads, repeat(None))):
         return params, cast("list[Tensor]", grads)
     kept = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None and p.requires_grad]

@@ -22,7 +22,7 @@ from ._groups import (
     unknown_keys_error,
 )
 from ._guards import GuardRecord, check_guard_options
-from ._slots import LossOrGrads, init_state, run_closure
+from ._slots import LossOrGrads, init_state, run_closure, step_gradients
 from ._stepping import proposals, step_again
 from .apply import write_updates
 from .engines import ENGINES, Engine, Stage
@@ -329,8 +329,13 @@ class Optimizer(torch.optim.Optimizer):
         if isinstance(loss_or_grads, Tensor):
             loss = loss_or_grads
         traced = self._check_inputs()
-        if loss_or_grads is None and not traced and step_again(self):
-            return loss
+        if not traced:
+            # A loss is differentiated once, here: the steady state and the ordinary step take
+            # the same list of gradients.
+            if loss_or_grads is not None:
+                loss_or_grads = step_gradients(loss_or_grads, self.param_groups)
+            if step_again(self, loss_or_grads):
+                return loss
         # Batches touch disjoint tensors and every input is checked before the first, so writing
         # each as it comes (hot in cache; the engine may write some itself) is apply(updates(x)).
         for batch in proposals(self, loss_or_grads, write=True, traced=traced):

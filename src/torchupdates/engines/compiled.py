@@ -442,41 +442,37 @@ class _Run:
                 return None  # the ordinary step checks it and says what is wrong
         return moved
 
-    def copy_grads(self, moved: Sequence[int], engine: CompiledEngine) -> dict[int, Tensor]:
-        """Bring the gradients of ``moved`` members (those whose ``.grad`` is not the bucket's
-        view) to the kernel. Return those it reads where they are, by member index
+    def copy_grads(
+        self, moved: Sequence[int], grads: Sequence[Tensor], engine: CompiledEngine, repoint: bool
+    ) -> dict[int, Tensor]:
+        """Bring the gradients ``grads[i]`` of ``moved`` members (those that are not the
+        bucket's views) to the kernel. Return those it reads where they are, by member index
         (:meth:`CompiledEngine.gradients_read_in_place`); copy the others into the bucket.
 
-        A ``.grad`` found again (the same tensor as at the last step: a loop that keeps its
-        gradients) is copied and becomes the bucket's view, so that later steps neither copy
-        it nor call the kernel for it alone. A new one (torch's default ``zero_grad()``, at
-        every step) is read where it is when large, else only copied: a view made for it
-        would be dropped by the next ``zero_grad()``.
+        With ``repoint`` (the gradients are the parameters' ``.grad``), a ``.grad`` found again
+        (the same tensor as at the last step: a loop that keeps its gradients) is copied and
+        becomes the bucket's view, so that later steps neither copy it nor call the kernel for
+        it alone. A new one (torch's default ``zero_grad()``, at every step) is read where it
+        is when large, else only copied: a view made for it would be dropped by the next
+        ``zero_grad()``. Gradients passed to ``step()`` are the caller's: never re-pointed.
         """
         bucket, last = self.bucket, self.last_grads
-        grads = {i: cast(Tensor, self.params[i].grad) for i in moved}
-        kept = {i for i, grad in grads.items() if (seen := last[i]) is not None and seen() is grad}
-        outside = engine.gradients_read_in_place(bucket, [i for i in grads if i not in kept], grads)
+        new = {i: grads[i] for i in moved}
+        kept = {i for i, grad in new.items() if (seen := last[i]) is not None and seen() is grad} if repoint else set()
+        outside = engine.gradients_read_in_place(bucket, [i for i in new if i not in kept], new)
         for i in outside:
-            del grads[i]
-        if grads:
+            del new[i]
+        if new:
             views = bucket.views("grad")
-            torch._foreach_copy_([views[i] for i in grads], list(grads.values()))
+            torch._foreach_copy_([views[i] for i in new], list(new.values()))
+        if not repoint:
+            return outside
         held = cast("list[Tensor | None]", self.grads)
-        for i, grad in chain(grads.items(), outside.items()):
+        for i, grad in chain(new.items(), outside.items()):
             if i in kept and _point_grad_at(self.params[i], bucket.view("grad", i)):
                 held[i], last[i] = self.params[i].grad, None
             else:
                 last[i] = weakref.ref(grad)
-        return outside
-        views = bucket.views("grad")
-        torch._foreach_copy_([views[i] for i in grads], list(grads.values()))
-        held, seen = cast("list[Tensor]", self.grads), self.new_grad_ids
-        for i, grad in grads.items():
-            if seen[i] == id(grad) and _point_grad_at(self.params[i], bucket.view("grad", i)):
-                held[i], seen[i] = cast(Tensor, self.params[i].grad), 0
-            else:
-                seen[i] = id(grad)
         return outside
 
     def steps(self, stages: Sequence[Stage]) -> tuple[int | None, ...]:
@@ -496,6 +492,7 @@ class _Repeat:
     runs: list[_Run]
     copies: list[list[int]]
     grads: list[Sequence[Tensor]]
+    given: bool  # the gradients were passed to step(), not read from .grad
 
     def gradient_buffers(self) -> list[Tensor] | None:
         """The flat gradient buffers, when they hold every gradient of the step already (no
@@ -631,13 +628,15 @@ class CompiledEngine:
         params: Sequence[Sequence[Tensor]],
         grads: Sequence[Sequence[Tensor]],
         state: Mapping[Tensor, Mapping[str, Any]],
+        given: bool = False,
     ) -> _Repeat | None:
-        """Whether the next step from ``.grad`` can repeat the last one: a plan for
-        :meth:`run_repeat` when nothing changed since, else None. Writes nothing.
+        """Whether the next step can repeat the last one: a plan for :meth:`run_repeat` when
+        nothing changed since, else None. Writes nothing.
 
         ``params`` are the parameters that have a gradient, per param group, and ``grads``
-        those gradients. Any tensor replaced, a parameter that gained or lost its gradient,
-        or anything else that differs gives None: the caller then steps the ordinary way.
+        those gradients: their ``.grad``, or (``given``) gradients passed to ``step()``. Any
+        tensor replaced, a parameter that gained or lost its gradient, or anything else that
+        differs gives None: the caller then steps the ordinary way.
         """
         runs = self._runs
         if not runs:
@@ -685,7 +684,7 @@ class CompiledEngine:
             run.entries = run_entries
         if not trusted:
             self._state_seen = (state, list(state), list(state.values()))
-        return _Repeat(runs, copies, run_grads)
+        return _Repeat(runs, copies, run_grads, given)
 
     def run_repeat(
         self, plan: _Repeat, stages: Sequence[Stage], hyperparameters: Sequence[Sequence[dict[str, Any]]]
@@ -696,7 +695,7 @@ class CompiledEngine:
         if any(len(run.first.steps) != len(stages) for run in plan.runs):
             return False
         for run, moved, grads in zip(plan.runs, plan.copies, plan.grads, strict=True):
-            outside = run.copy_grads(moved, self) if moved else {}
+            outside = run.copy_grads(moved, grads, self, repoint=not plan.given) if moved else {}
             steps = run.steps(stages)
             group_values = hyperparameters[run.first.group]
             if outside:
