@@ -603,8 +603,8 @@ class CompiledEngine:
         """Step the batch whose first member is ``first`` in its bucket's buffers, in place,
         with step numbers ``steps``: the compiled kernel of its chain. ``grads``: the members'
         gradients, where the bucket keeps none (:meth:`grads_in_bucket`)."""
-        program, coefficients = self._record(stages, hyperparameters, first, steps, bucket)
-        _compiled(program.writing_source, bucket.parallel, bucket.device.type)(*bucket.buffers.values(), *coefficients)
+        kernel, coefficients = self._kernel(stages, hyperparameters, first, steps, bucket)
+        kernel(*bucket.buffers.values(), *coefficients)
 
     def _run_kernel_in_pieces(
         self,
@@ -618,10 +618,21 @@ class CompiledEngine:
         """:meth:`run_kernel`, with the gradients of members ``outside`` read from these
         tensors instead of the gradient buffer: one call per such member, one per stretch of
         the buffers between them (:meth:`FlatBucket.pieces`)."""
-        program, coefficients = self._record(stages, hyperparameters, first, steps, bucket)
-        kernel = _compiled(program.writing_source, bucket.parallel, bucket.device.type)
+        kernel, coefficients = self._kernel(stages, hyperparameters, first, steps, bucket)
         for piece in bucket.pieces("grad", outside):
             kernel(*piece, *coefficients)
+
+    def _kernel(
+        self,
+        stages: Sequence[Stage],
+        hyperparameters: Sequence[dict[str, Any]],
+        first: Slot,
+        steps: tuple[Any, ...],
+        bucket: FlatBucket,
+    ) -> tuple[Callable[..., Any], tuple[Tensor, ...]]:
+        """The writing kernel of the batch's chain for ``bucket`` and this step's coefficients."""
+        program, coefficients = self._record(stages, hyperparameters, first, steps, bucket)
+        return _compiled(program.writing_source, bucket.parallel, bucket.device.type), coefficients
 
     def prepare_repeat(
         self,
