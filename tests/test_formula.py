@@ -10,7 +10,20 @@ import pytest
 import torch
 
 import torchupdates
-from torchupdates.formula import ForeachGraph, Graph, Node, Symbol, TensorGraph, maximum, sqrt, square
+from torchupdates import registry
+from torchupdates._groups import stage_values
+from torchupdates.engines._chain import run_chain, step_scalars
+from torchupdates.formula import (
+    ForeachGraph,
+    Graph,
+    Node,
+    ScalarTape,
+    Symbol,
+    TensorGraph,
+    maximum,
+    sqrt,
+    square,
+)
 
 FORMULA = Path(torchupdates.__file__).parent / "formula"
 
@@ -170,3 +183,46 @@ def test_tensor_graph_takes_a_scalar_second() -> None:
     graph = TensorGraph()
     [product] = graph.run([s * graph.leaf(g, "g")])
     assert float(product) == 1802 / 16384
+
+
+def _chain_of(rule: str, modifier: str | None) -> Any:
+    """A rule's optimizer, with a modifier on top (and a stage counting steps beneath it)."""
+    params = [torch.zeros(3, requires_grad=True)]
+    entry = registry.RULES[rule]
+    required = {spec.name: 0.1 for spec in entry.hyperparameters if spec.default is None}
+    opt = entry.factory(params, **required)
+    return opt if modifier is None else registry.MODIFIERS[modifier].factory(opt)
+
+
+@pytest.mark.parametrize("modifier", [None, *registry.MODIFIER_NAMES])
+@pytest.mark.parametrize("rule", registry.RULE_NAMES)
+def test_step_numbers_change_a_chains_scalars_never_its_wiring(rule: str, modifier: str | None) -> None:
+    # The engines keep the program recorded at one step and read later steps' scalars off a
+    # ScalarTape (step_scalars): sound only while no formula branches on the step number, and
+    # only if the tape meets the scalars in the recording's order.
+    opt = _chain_of(rule, modifier)
+    stages = opt._stages
+    values = stage_values(opt.param_groups, stages)[0]
+    applies = [True] * len(stages)
+    keys = [key for stage in stages for key in stage.state_keys.values()]
+    wirings, scalars = set(), []
+    for t in (1, 2, 7, 10**6):
+        steps = [t if stage.step_key is not None else None for stage in stages]
+        graph = Graph()
+        param, grad = graph.leaf("param"), graph.leaf("grad")
+        run_chain(stages, values, param, grad, {key: graph.leaf(key) for key in keys}, steps, applies)
+        wirings.add(graph.wiring())
+        assert step_scalars(stages, values, steps, applies, keys) == graph.scalars()
+        scalars.append(graph.scalars())
+    assert len(wirings) == 1
+    # A counting chain's scalars do change (Adam's bias correction), so the tape is needed.
+    assert (scalars[0] != scalars[1]) == any(stage.step_key is not None for stage in stages)
+
+
+def test_a_scalar_tape_keeps_the_scalars_in_recording_order_and_no_nodes() -> None:
+    tape = ScalarTape()
+    _ = 0.9 * tape.leaf("velocity") + (tape.leaf("param") - 0.1 * tape.leaf("grad")) - torch.tensor(2.0)
+    assert tape.nodes == []
+    assert tape.scalars()[:2] == (0.9, 0.1) and float(tape.scalars()[2]) == -2.0  # x - s is x + (-s)
+    with pytest.raises(TypeError, match="no wiring"):
+        tape.wiring()

@@ -10,7 +10,7 @@ from typing import Any, Generic, TypeGuard, TypeVar
 import torch
 from torch import Tensor
 
-from ..formula import Value
+from ..formula import Scalar, ScalarTape, Value
 from ..transform import Transform
 
 
@@ -105,12 +105,13 @@ def recording_key(
 ) -> tuple[Any, ...] | None:
     """What a recording of the chain is made from, when that is all, so that an engine may
     keep what it made from one (a program and its constants) for the next step: ``None``
-    when a stage counts steps (its step number changes every step) or a hyperparameter is
-    not a Python number (a tensor's value can change in place). Floats are keyed by their
-    exact bits, so that 0.0 and -0.0 differ. The stages are keyed by identity: a keeper
-    must keep them alive, so that their ids stay theirs."""
-    if any(t is not None for t in steps):
-        return None
+    when a hyperparameter is not a Python number (a tensor's value can change in place).
+    Floats are keyed by their exact bits, so that 0.0 and -0.0 differ. The stages are keyed
+    by identity: a keeper must keep them alive, so that their ids stay theirs.
+
+    Step numbers are not part of the key, only which stages count steps: they change the
+    recording's scalars (a bias correction), never its wiring, so a kept program serves a
+    later step with that step's scalars, read by :func:`step_scalars`."""
     values: list[tuple[str, object]] = []
     for group in hyperparameters:
         for name, value in group.items():
@@ -120,7 +121,30 @@ def recording_key(
                 values.append((name, value))
             else:
                 return None
-    return (tuple(map(id, stages)), tuple(values), tuple(applies), work_dtype)
+    counting = tuple(t is not None for t in steps)
+    return (tuple(map(id, stages)), tuple(values), tuple(applies), counting, work_dtype)
+
+
+def counts_steps(steps: Sequence[int | None]) -> bool:
+    """Whether a stage of the chain counts steps (its scalars then change at every step)."""
+    return any(t is not None for t in steps)
+
+
+def step_scalars(
+    stages: Sequence[Stage],
+    hyperparameters: Sequence[dict[str, Any]],
+    steps: Sequence[int | None],
+    applies: Sequence[bool],
+    state_keys: Sequence[str],
+) -> tuple[Scalar, ...]:
+    """The scalars a recording of the chain with these step numbers holds, in the order of
+    :meth:`~torchupdates.formula.Graph.scalars`, read without recording it (a
+    :class:`~torchupdates.formula.ScalarTape`)."""
+    tape = ScalarTape()
+    param, grad = tape.leaf(), tape.leaf()
+    state: dict[str, Value] = {key: tape.leaf() for key in state_keys}
+    run_chain(stages, hyperparameters, param, grad, state, steps, applies)
+    return tape.scalars()
 
 
 _Made = TypeVar("_Made")

@@ -33,7 +33,7 @@ import math
 import operator
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import repeat
 from typing import Any, cast
 
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..formula import Graph, Scalar, Symbol, needs_wide_sqrt, numpy_sqrt
-from ._chain import KeptRecordings, Slot, Stage, number_tensor, recording_key, run_chain
+from ._chain import KeptRecordings, Slot, Stage, counts_steps, number_tensor, recording_key, run_chain, step_scalars
 from ._flat import Span, dense_strides
 from ._program import Program, compile_program
 from ._workers import run_tasks
@@ -264,14 +264,18 @@ def _job(
 ) -> _Job | None:
     """What every chunk of the batch of ``first`` shares; ``None`` when its chain writes nothing.
 
-    Recording the chain again is most of a small step's cost, and a chain without step
-    counters whose hyperparameters are Python numbers records the same program and constants
-    at every step while they stay the same: that job is kept (:func:`_job_key`).
+    Recording the chain again is most of a small step's cost, and a chain whose
+    hyperparameters are Python numbers records the same program at every step while they
+    stay the same: that job is kept (:func:`_job_key`), with its constants, or with this
+    step's read again when the chain counts steps (:func:`~._chain.step_scalars`).
     """
     key = _job_key(stages, hyperparameters, first, keys, chunk)
     kept = _JOBS.get(key, stages)
     if kept is not None:
-        return kept
+        if not counts_steps(first.steps):
+            return kept
+        scalars = step_scalars(stages, hyperparameters, first.steps, first.applies, keys)
+        return replace(kept, constants=_constants(scalars, kept.dtype))
     dtype = first.work_dtype
     program = _compile(stages, hyperparameters, first, keys)
     if not program.outputs:
@@ -292,7 +296,7 @@ def _job_key(
 
 
 _JOBS: KeptRecordings[_Job] = KeptRecordings(64)
-"""Jobs of chains without step counters and with number hyperparameters, by :func:`_job_key`."""
+"""Jobs of chains with number hyperparameters, by :func:`_job_key`."""
 
 
 CHUNK_BYTES = 8 << 20

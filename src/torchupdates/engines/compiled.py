@@ -40,7 +40,19 @@ import torch
 from torch import Tensor
 
 from ..formula import ELEMENTWISE, PROBE_SCALAR, Graph, Node, ScalarKind, Symbol, probe_operands, scalar_kind
-from ._chain import Batch, KeptRecordings, Slot, Stage, fits, number_tensor, pairs_for_slot, recording_key, run_chain
+from ._chain import (
+    Batch,
+    KeptRecordings,
+    Slot,
+    Stage,
+    counts_steps,
+    fits,
+    number_tensor,
+    pairs_for_slot,
+    recording_key,
+    run_chain,
+    step_scalars,
+)
 from ._flat import PLAIN_TENSORS, FlatBucket, local, real
 from ._vector_isa import remembered_vector_isa_options
 from .reference import propose_reference
@@ -209,7 +221,7 @@ def _program(
 
 
 _RECORDINGS: KeptRecordings[tuple[_Program, tuple[Tensor, ...]]] = KeptRecordings(64)
-"""Programs and coefficients of chains without step counters, by recording key."""
+"""Programs and coefficients of recorded chains, by recording key."""
 
 _KEPT_SOURCES = 256
 _SOURCES: dict[Hashable, _Program] = {}
@@ -749,15 +761,19 @@ class CompiledEngine:
         bucket: FlatBucket,
     ) -> tuple[_Program, tuple[Tensor, ...]]:
         """The kernel program of the batch's chain and this step's coefficients: recorded
-        again, unless the chain has no step counter and the same number hyperparameters as
-        a step already recorded (:func:`~._chain.recording_key`), whose recording is kept."""
+        again, unless a step already recorded the chain with the same number hyperparameters
+        (:func:`~._chain.recording_key`). Its program is kept, with its coefficients, or with
+        this step's read again when the chain counts steps (:func:`~._chain.step_scalars`)."""
         chain_key = recording_key(stages, hyperparameters, steps, first.applies, first.work_dtype)
         kept_as = (
             None if chain_key is None else (*chain_key, tuple(first.state), tuple(bucket.roles.items()), bucket.device)
         )
         kept = _RECORDINGS.get(kept_as, stages)
         if kept is not None:
-            return kept
+            if not counts_steps(steps):
+                return kept
+            scalars = step_scalars(stages, hyperparameters, steps, first.applies, tuple(first.state))
+            return kept[0], _coefficients(scalars, bucket.device)
         graph = Graph()
         leaves = {role: graph.leaf(role) for role in bucket.roles}
         state = {key: leaves[key] for key in first.state}

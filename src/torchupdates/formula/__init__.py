@@ -11,7 +11,8 @@ the same thing everywhere (:data:`ELEMENTWISE`), so every engine computes the sa
 This package imports nothing else of torchupdates; the rest of the library builds on it.
 
 * :mod:`._graph`: :class:`Node`, :class:`Symbol` (the handle a formula computes on, which
-  records into its graph) and :class:`Graph` (the nodes in order; named leaves and results).
+  records into its graph), :class:`Graph` (the nodes in order; named leaves and results) and
+  :class:`ScalarTape` (a graph keeping only the scalars: a known chain's new coefficients).
 * :mod:`._ops`: what each operation computes, on a tensor (:data:`ELEMENTWISE`) and on lists
   of tensors (:data:`FOREACH`).
 * :mod:`._math`: :func:`sqrt`, :func:`square` and :func:`maximum` for numbers, tensors and symbols.
@@ -76,7 +77,7 @@ tensor([0.8750, 3.0000])
 """
 
 from ._foreach import ForeachGraph
-from ._graph import Graph, Node, Scalar, Symbol, is_scalar
+from ._graph import Graph, Node, Scalar, ScalarTape, Symbol, is_scalar
 from ._math import Array, Value, maximum, sqrt, square
 from ._ops import COMMUTATIVE, ELEMENTWISE, FOREACH, PROBE_SCALAR, ScalarKind, probe_operands, scalar_kind
 from ._sqrt import needs_wide_sqrt, numpy_sqrt, sqrt_tensor
@@ -93,6 +94,7 @@ __all__ = [
     "Node",
     "Scalar",
     "ScalarKind",
+    "ScalarTape",
     "Symbol",
     "TensorGraph",
     "Value",
