@@ -234,11 +234,14 @@ def repeat_results(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return results
 
 
-def test_step_counters_written_between_steps_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("count", [3, 70])  # counters read whole, or by their bounds
+def test_step_counters_written_between_steps_are_read(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     # Counters written between steady-state steps are read at the next step: all reset
     # alike, then one alone (a batch of its own step count).
     repeated = repeat_results(monkeypatch)
-    params, twins = ([torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)] for _ in "ab")
+    params, twins = (
+        [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(count)] for _ in "ab"
+    )
     for p in params + twins:
         p.requires_grad_(True)
     compiled = torchupdates.adam(params, 0.1, engine="compiled")
@@ -255,7 +258,7 @@ def test_step_counters_written_between_steps_are_read(monkeypatch: pytest.Monkey
                 p.grad = g
             opt.step()
         assert_same(compiled, params, eager, twins)
-    assert [int(compiled.state[p]["step"]) for p in params] == [5, 43, 5]
+    assert [int(compiled.state[p]["step"]) for p in params] == [5, 43] + [5] * (count - 2)
     assert repeated.count(True) >= 4  # the edited steps, and others, ran the steady state
 
 

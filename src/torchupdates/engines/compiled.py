@@ -353,6 +353,16 @@ def _lie_in(addresses: Sequence[int], bounds: Sequence[tuple[int, int]]) -> bool
     return any(lowest < high and low <= highest and any(low <= a < high for a in addresses) for low, high in bounds)
 
 
+def _common_count(counters: Tensor) -> int | None:
+    """The step count every member's counter holds (one buffer per key), or None when
+    they differ; read on the host once, whole when it is short."""
+    if counters.numel() <= 64:
+        values = counters.tolist()
+        return values[0] if min(values) == max(values) else None
+    low, high = (int(bound) for bound in torch.aminmax(counters))
+    return low if low == high else None
+
+
 def _all_are(tensors: Sequence[object], expected: Sequence[object]) -> bool:
     return len(tensors) == len(expected) and all(map(operator.is_, tensors, expected))
 
@@ -400,6 +410,7 @@ class _Run:
         ]
         for key in self.counter_keys:
             self.held[key] = [slot.counters[key] for slot in members]
+        self.counts: dict[str, int] = {}  # each counter key's count, as unchanged() read it
 
     def members_of(self, group: Sequence[Tensor]) -> Sequence[Tensor]:
         """The tensors at the members' positions of a list of the group's stepped
@@ -438,10 +449,13 @@ class _Run:
             except KeyError:  # a state entry was removed
                 return None
             self.state_values = values
+        counts = {}
         for key in self.counter_keys:
-            low, high = torch.aminmax(self.bucket.counters[key])
-            if low != high:
+            count = _common_count(self.bucket.counters[key])
+            if count is None:
                 return None
+            counts[key] = count
+        self.counts = counts
         if self.grads is None:
             return [] if _all_fit(grads, params) else None
         # A gradient held from the last step is the bucket's own view, so its identity is the
@@ -488,9 +502,9 @@ class _Run:
         return outside
 
     def steps(self, stages: Sequence[Stage]) -> tuple[int | None, ...]:
-        """The step numbers of this step, one past the counters'."""
+        """The step numbers of this step, one past the counts :meth:`unchanged` read."""
         return tuple(
-            None if t is None else int(self.bucket.counters[stage.step_key][0]) + 1  # type: ignore[index]
+            None if t is None else self.counts[stage.step_key] + 1  # type: ignore[index]
             for stage, t in zip(stages, self.first.steps, strict=True)
         )
 
