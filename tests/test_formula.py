@@ -185,22 +185,26 @@ def test_tensor_graph_takes_a_scalar_second() -> None:
     assert float(product) == 1802 / 16384
 
 
-def _chain_of(rule: str, modifier: str | None) -> Any:
-    """A rule's optimizer, with a modifier on top (and a stage counting steps beneath it)."""
+def _chain_of(rule: str, modifiers: tuple[str, ...]) -> Any:
+    """A rule's optimizer, with modifiers on top, innermost first."""
     params = [torch.zeros(3, requires_grad=True)]
     entry = registry.RULES[rule]
     required = {spec.name: 0.1 for spec in entry.hyperparameters if spec.default is None}
     opt = entry.factory(params, **required)
-    return opt if modifier is None else registry.MODIFIERS[modifier].factory(opt)
+    for modifier in modifiers:
+        opt = registry.MODIFIERS[modifier].factory(opt)
+    return opt
 
 
-@pytest.mark.parametrize("modifier", [None, *registry.MODIFIER_NAMES])
+@pytest.mark.parametrize(
+    "modifiers", [(), *((name,) for name in registry.MODIFIER_NAMES), tuple(registry.MODIFIER_NAMES)], ids=str
+)
 @pytest.mark.parametrize("rule", registry.RULE_NAMES)
-def test_step_numbers_change_a_chains_scalars_never_its_wiring(rule: str, modifier: str | None) -> None:
+def test_step_numbers_change_a_chains_scalars_never_its_wiring(rule: str, modifiers: tuple[str, ...]) -> None:
     # The engines keep the program recorded at one step and read later steps' scalars off a
     # ScalarTape (step_scalars): sound only while no formula branches on the step number, and
     # only if the tape meets the scalars in the recording's order.
-    opt = _chain_of(rule, modifier)
+    opt = _chain_of(rule, modifiers)
     stages = opt._stages
     values = stage_values(opt.param_groups, stages)[0]
     applies = [True] * len(stages)
