@@ -13,6 +13,7 @@ Example::
     python benchmarks/bench_eager.py --repeat 20 --rules adam,momentum
     python benchmarks/bench_eager.py --profile adam     # torch.profiler table of our step
     git worktree add /tmp/before <commit> && python benchmarks/bench_eager.py --before /tmp/before/src
+    python benchmarks/bench_eager.py --engines foreach,compiled --big 0 --small 6 --small-numel 1667  # a small model
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def implementations(
     for engine in engines:
         built[engine] = ours(updates, copies(params), engine)
     if before is not None:
-        built["before"] = ours(before, copies(params), "foreach")
+        for engine in engines:
+            built[f"before {engine}"] = ours(before, copies(params), engine)
     built["torch foreach"] = theirs(copies(params), {"foreach": True})
     if fused:
         built["torch fused"] = theirs(copies(params), {"fused": True})
@@ -168,7 +170,7 @@ def main() -> None:
         "--before",
         metavar="SRC",
         default=None,
-        help="also time the foreach engine of another checkout (its src folder), e.g. the one before a change",
+        help="also time the engines of another checkout (its src folder), e.g. the one before a change",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -194,7 +196,7 @@ def main() -> None:
         def prelude() -> None:
             torch.mul(source, 1.0, out=target)
 
-    ours = [*engines, *(["before"] if before is not None else [])]
+    ours = [*engines, *([f"before {engine}" for engine in engines] if before is not None else [])]
     columns = [*ours, "torch foreach", "torch fused"]
     header = ["rule", *(f"{c} ms" for c in columns)]
     header += [f"{e} / torch foreach" for e in ours] + [f"{e} / torch fused" for e in ours]
@@ -205,7 +207,7 @@ def main() -> None:
         built = implementations(rule, engines, params, before)
         times = interleaved_times(built, args.warmup, args.repeat, prelude)
         medians = {name: statistics.median(values) for name, values in times.items()}
-        row = [rule] + [f"{medians[c] * 1e3:.1f}" if c in medians else "-" for c in columns]
+        row = [rule] + [f"{medians[c] * 1e3:.3g}" if c in medians else "-" for c in columns]
         for base in ("torch foreach", "torch fused"):
             row += [f"{medians[base] / medians[e]:.2f}x" if base in medians else "-" for e in ours]
         row += [f"{min(times['torch foreach']) / min(times[e]):.2f}x" for e in ours]

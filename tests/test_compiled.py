@@ -262,13 +262,30 @@ def test_step_counters_written_between_steps_are_read(monkeypatch: pytest.Monkey
     assert repeated.count(True) >= 4  # the edited steps, and others, ran the steady state
 
 
+def test_float32_kernels_on_the_cpu_take_coefficients_rounded_as_eager_torch_rounds_them() -> None:
+    from torchupdates.engines.compiled import _coefficients
+
+    # Eager float32 arithmetic rounds a scalar operand to float32 first: so may the engine,
+    # once, instead of the kernel converting a float64 in every iteration of its loop.
+    values = [0.1, torch.tensor(1 / 3, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float32), 1e-300]
+    rounded = _coefficients(values, torch.device("cpu"), torch.float32)
+    assert [c.dtype for c in rounded] == [torch.float32] * 4
+    x = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float32)
+    for value, coefficient in zip(values, rounded, strict=True):
+        assert torch.equal(x * value, x * coefficient)
+    # Other working dtypes keep float64 numbers (16-bit kernels round scalars their own way).
+    for work in (torch.float64, torch.float16, torch.bfloat16):
+        assert _coefficients([0.1], torch.device("cpu"), work)[0].dtype == torch.float64
+
+
 def test_coefficient_tensors_keep_the_sign_of_zero() -> None:
     from torchupdates.engines.compiled import _coefficients
 
     # Each place sees both zeros in turn: 0.0 == -0.0, yet they multiply differently.
     for values in ([0.0, -0.0, 1.5], [-0.0, 0.0, 1.5], [0.0, -0.0, -1.5]):
-        coefficients = _coefficients(values, torch.device("cpu"))
-        assert [math.copysign(1.0, float(c)) for c in coefficients] == [math.copysign(1.0, v) for v in values]
+        for work in (torch.float64, torch.float32):
+            coefficients = _coefficients(values, torch.device("cpu"), work)
+            assert [math.copysign(1.0, float(c)) for c in coefficients] == [math.copysign(1.0, v) for v in values]
 
 
 def test_missing_compiler_is_a_clear_error_before_any_step() -> None:
