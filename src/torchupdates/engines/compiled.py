@@ -143,7 +143,7 @@ def _coefficients(
     float32 already: eager torch rounds a scalar operand (a number or a 0-d tensor) of a
     float32 operation to float32 before its loop, so rounding it here gives the same operand,
     and spares the kernel a load and a conversion of every coefficient in every iteration of
-    its loop (about a fifth of an Adam step on data in cache). On CUDA, Inductor passes a CPU
+    its loop (10-20% of an Adam step on data in cache). On CUDA, Inductor passes a CPU
     tensor to the kernel as an argument, where a tensor on the GPU would cost a copy to it
     (and a wait for the GPU) every step. Numbers recur from step to step (a learning rate,
     ``1 - rho``), so their tensors are kept and reused, one per position: one call never gets
