@@ -638,6 +638,40 @@ def test_kept_programs_follow_every_hyperparameter_change(engine: str) -> None:
     _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
 
 
+@pytest.mark.parametrize("engine", ["foreach", pytest.param("compiled", marks=needs_compiler)])
+def test_chains_that_count_steps_are_recorded_once_per_hyperparameter_values(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Adam's scalars change at every step (its bias correction); its recording does not: the
+    # engines record it once per set of hyperparameter values and read each later step's
+    # scalars off a ScalarTape. The results stay the reference engine's, bit for bit.
+    from torchupdates.engines import _chain
+
+    taped: list[int] = []
+    tape = _chain.step_scalars
+
+    def counted(*args: object, **kwargs: object) -> tuple[object, ...]:
+        taped.append(1)
+        return tape(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_chain, "step_scalars", counted)
+    module = "torchupdates.engines._cpu" if engine == "foreach" else "torchupdates.engines.compiled"
+    monkeypatch.setattr(f"{module}.step_scalars", counted)
+    runs = []
+    for each in ("reference", engine):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 7)), torch.nn.Parameter(torch.ones(2, 3))]
+        opt = torchupdates.adam(params, 0.1, engine=each)
+        for k in range(6):
+            if k == 3:
+                opt.param_groups[0]["lr"] = 0.05  # new values: recorded again, once
+            for i, param in enumerate(params):
+                param.grad = torch.full_like(param, 0.1 * (k + i + 1))
+            opt.step()
+        runs.append((opt, params))
+    _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+    assert len(taped) == 4  # steps 2, 3, 5 and 6 kept the recording of step 1 or 4
+
+
 def test_bucket_lists_its_buffers_in_the_roles_order() -> None:
     # Kernels take the buffers in the order of the roles, whichever was made first.
     from torchupdates.engines._flat import FlatBucket
