@@ -15,6 +15,7 @@ import pickle
 import pytest
 import torch
 from torch.optim import lr_scheduler
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import torchupdates as updates
 from torchupdates.registry import RULE_NAMES as RULES
@@ -596,6 +597,58 @@ def test_step_pre_and_post_hooks_fire():
     h_post.remove()
     opt.step(make_grads(1)[0])
     assert len(events) == 2
+
+
+def test_a_pre_hook_replaces_the_steps_arguments_and_global_hooks_fire():
+    params = make_params()
+    opt = updates.sgd(params, 0.5)
+    replaced = [torch.ones_like(p) for p in params]
+    events = []
+    own = opt.register_step_pre_hook(lambda o, args, kwargs: ((o, replaced), {}))
+    pre = register_optimizer_step_pre_hook(lambda o, a, k: events.append("global pre"))
+    post = register_optimizer_step_post_hook(lambda o, a, k: events.append("global post"))
+    try:
+        before = [p.detach().clone() for p in params]
+        opt.step(make_grads(1)[0])
+    finally:
+        own.remove()
+        pre.remove()
+        post.remove()
+    assert events == ["global pre", "global post"]
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p.detach(), b - 0.5 * torch.ones_like(b))  # the hook's gradients, not the given ones
+
+
+class _ScopeSpy:
+    """Stands in for ``torch.autograd.profiler.record_function`` and counts the scopes entered."""
+
+    def __init__(self, real):
+        self.real, self.names = real, []
+
+    def __call__(self, name, *args, **kwargs):
+        self.names.append(name)
+        return self.real(name, *args, **kwargs)
+
+
+@pytest.mark.parametrize("engine", ["foreach", "reference"])
+def test_the_step_enters_torchs_profiler_scope_only_while_profiling_or_hooked(monkeypatch, engine):
+    params = make_params()
+    opt = updates.adam(params, 0.1, engine=engine)
+    spy = _ScopeSpy(torch.autograd.profiler.record_function)
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", spy)
+    calls = []
+    monkeypatch.setattr(opt, "_optimizer_step_code", lambda: calls.append(True))
+    opt.step(make_grads(1)[0])
+    assert spy.names == [] and calls == [True]  # torch's Python-tracing entry point still runs
+    handle = opt.register_step_post_hook(lambda *_: None)
+    opt.step(make_grads(1)[0])
+    handle.remove()
+    assert spy.names == ["Optimizer.step#Optimizer.step"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        opt.step(make_grads(1)[0])
+    assert spy.names == ["Optimizer.step#Optimizer.step"] * 2
+    assert "Optimizer.step#Optimizer.step" in {event.name for event in profile.events()}
+    assert calls == [True] * 3
 
 
 # --- which parameters move ------------------------------------------------------------------

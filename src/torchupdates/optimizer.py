@@ -23,6 +23,7 @@ from ._groups import (
 )
 from ._guards import GuardRecord, check_guard_options
 from ._slots import LossOrGrads, init_state, run_closure, step_gradients
+from ._step_scope import scoped_only_while_profiling
 from ._stepping import proposals, step_again
 from .apply import write_updates
 from .engines import ENGINES, Engine, Stage
@@ -311,6 +312,7 @@ class Optimizer(torch.optim.Optimizer):
         return OrderedDict(pair for index in sorted(per_slot) for pair in per_slot[index])
 
     # The first parameter also takes torch's closure, positionally or as closure=.
+    @scoped_only_while_profiling
     def step(self, loss_or_grads: LossOrGrads = None, *, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Update every parameter that has a gradient: ``apply_updates(self.updates(x))``.
 
