@@ -672,6 +672,67 @@ def test_chains_that_count_steps_are_recorded_once_per_hyperparameter_values(
     assert len(taped) == 4  # steps 2, 3, 5 and 6 kept the recording of step 1 or 4
 
 
+@pytest.mark.parametrize("engine", ["foreach", pytest.param("compiled", marks=needs_compiler)])
+def test_later_steps_of_a_counting_chain_make_no_new_scalar_tensors(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Adam's bias-corrected rate is a new number at every step. The engines write it into the
+    # kept recording's tensors instead of making (and caching) a new tensor per step. Two
+    # groups with equal hyperparameters share that recording at different step counts (the
+    # second added later): each batch must still get its own step's scalars.
+    from torchupdates.engines import _chain
+
+    monkeypatch.setattr(_chain, "_NUMBERS", {})  # not the values other tests cached
+    runs = []
+    for each in ("reference", engine):
+        first = [torch.nn.Parameter(torch.linspace(-1, 1, 7)), torch.nn.Parameter(torch.ones(2, 3))]
+        later = [torch.nn.Parameter(torch.linspace(2, -2, 5))]
+        opt = torchupdates.adam(first, 0.1, engine=each)
+        cached = []
+        for k in range(8):
+            if k == 3:
+                opt.add_param_group({"params": later})
+            for i, param in enumerate(opt.param_groups[0]["params"] + opt.param_groups[-1]["params"]):
+                param.grad = torch.full_like(param, 0.1 * (k + i + 1))
+            opt.step()
+            cached.append(len(_chain._NUMBERS))
+        if each == engine:
+            assert cached[5:] == [cached[4]] * 3, cached  # steady: no tensor per step
+        runs.append((opt, first + later))
+    _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+
+
+_EDGE_NUMBERS = [0.1, -0.0, 0.0, 1e-300, -1e-45, 3.4028234663852886e38, 3.4028235677973366e38, 1e300, -1e300]
+_EDGE_NUMBERS += [float("inf"), float("-inf"), float("nan"), 1 / 3, 2**60 + 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("numpy_missing", [False, True])
+def test_step_numbers_round_each_value_as_a_new_tensor_would(
+    dtype: torch.dtype, numpy_missing: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchupdates.engines._chain import StepNumbers
+
+    if numpy_missing:
+
+        def no_numpy(self: torch.Tensor) -> None:
+            raise RuntimeError("Numpy is not available")
+
+        monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    numbers = StepNumbers()
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    for values in (_EDGE_NUMBERS, _EDGE_NUMBERS[::-1]):  # written over earlier values
+        held = numbers.hold(values, dtype)
+        expected = [torch.tensor(float(value), dtype=dtype) for value in values]
+        assert all(t.dtype == dtype and t.dim() == 0 for t in held)
+        assert len({id(t) for t in held}) == len(values)  # one tensor per position
+        got = torch.stack(list(held)).view(bits)
+        want = torch.stack(expected).view(bits)
+        nan = torch.stack(expected).isnan()
+        assert torch.equal(got[~nan], want[~nan])
+        assert torch.stack(list(held))[nan].isnan().all()
+
+
 def test_bucket_lists_its_buffers_in_the_roles_order() -> None:
     # Kernels take the buffers in the order of the roles, whichever was made first.
     from torchupdates.engines._flat import FlatBucket

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Hashable, Sequence
+import threading
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeGuard, TypeVar
 
@@ -150,21 +151,71 @@ def step_scalars(
 _Made = TypeVar("_Made")
 
 
+class StepNumbers(threading.local):
+    """0-d CPU tensors for the scalars of a kept recording whose chain counts steps, the same
+    tensors at every step, with each step's values written into them.
+
+    A step-dependent scalar (Adam's bias-corrected rate) is a new number at every step: a
+    new tensor for it costs about 2.5 µs with warm caches and tens of µs with cold ones (as
+    after a backward pass), and would fill :func:`number_tensor`'s cache with values never
+    asked for again. Writing into a kept tensor through NumPy costs about 0.1 µs. The tensors
+    hold their values until the next :meth:`hold` of the same recording: each engine hands
+    them to its kernels before it asks again. Per thread, so that optimizers stepping in
+    different threads never write into each other's.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: tuple[Tensor, ...] = ()
+        self._writers: list[Callable[[float], None]] = []
+
+    def hold(self, values: Sequence[float], dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """``values`` (numbers) as 0-d CPU tensors of ``dtype``, each rounded to it as
+        ``torch.tensor(value, dtype=dtype)`` rounds it."""
+        if len(self.tensors) != len(values) or any(tensor.dtype != dtype for tensor in self.tensors):
+            self.tensors = tuple(torch.empty((), dtype=dtype) for _ in values)
+            self._writers = [_writer(tensor) for tensor in self.tensors]
+        for write, value in zip(self._writers, values, strict=True):
+            write(float(value))
+        return self.tensors
+
+
+def _writer(tensor: Tensor) -> Callable[[float], None]:
+    """Write a number into the 0-d CPU ``tensor``: through NumPy where it is installed, else
+    by ``fill_``; a number beyond the dtype's range (or NaN) by a copy from float64, which
+    rounds it as ``torch.tensor`` does (NumPy warns on such a cast, ``fill_`` refuses it)."""
+    largest = torch.finfo(tensor.dtype).max
+    try:
+        array = tensor.numpy()
+    except (ImportError, RuntimeError):  # torch built without NumPy, or NumPy missing
+        array = None
+
+    def write(value: float) -> None:
+        if not -largest <= value <= largest:
+            tensor.copy_(torch.tensor(value, dtype=torch.float64))
+        elif array is not None:
+            array[()] = value
+        else:
+            tensor.fill_(value)
+
+    return write
+
+
 class KeptRecordings(Generic[_Made]):
     """What an engine made from a recording, kept by its :func:`recording_key` (extended
     with the engine's own inputs), at most ``limit`` of them, then emptied. Each entry keeps
-    its stages alive, so that their ids, part of the key, stay theirs."""
+    its stages alive, so that their ids, part of the key, stay theirs, and its
+    :class:`StepNumbers` for the later steps of a chain that counts steps."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._kept: dict[Hashable, tuple[tuple[Stage, ...], _Made]] = {}
+        self._kept: dict[Hashable, tuple[tuple[Stage, ...], _Made, StepNumbers]] = {}
 
-    def get(self, key: Hashable | None, stages: Sequence[Stage]) -> _Made | None:
-        """What was kept under ``key`` for these very stages, or ``None``."""
+    def get(self, key: Hashable | None, stages: Sequence[Stage]) -> tuple[_Made, StepNumbers] | None:
+        """What was kept under ``key`` for these very stages, with its step numbers, or ``None``."""
         kept = self._kept.get(key) if key is not None else None
         if kept is None or not all(map(operator.is_, kept[0], stages)):
             return None
-        return kept[1]
+        return kept[1], kept[2]
 
     def put(self, key: Hashable | None, stages: Sequence[Stage], made: _Made) -> None:
         """Keep ``made`` under ``key`` (nothing when there is no key)."""
@@ -172,7 +223,7 @@ class KeptRecordings(Generic[_Made]):
             return
         if len(self._kept) >= self._limit:
             self._kept.clear()  # one atomic step, whatever other threads do meanwhile
-        self._kept[key] = (tuple(stages), made)
+        self._kept[key] = (tuple(stages), made, StepNumbers())
 
 
 def fits(grad: object, param: Tensor) -> TypeGuard[Tensor]:

@@ -41,7 +41,17 @@ import torch
 from torch import Tensor
 
 from ..formula import Graph, Scalar, Symbol, needs_wide_sqrt, numpy_sqrt
-from ._chain import KeptRecordings, Slot, Stage, counts_steps, number_tensor, recording_key, run_chain, step_scalars
+from ._chain import (
+    KeptRecordings,
+    Slot,
+    Stage,
+    StepNumbers,
+    counts_steps,
+    number_tensor,
+    recording_key,
+    run_chain,
+    step_scalars,
+)
 from ._flat import Span, dense_strides
 from ._program import Program, compile_program
 from ._workers import run_tasks
@@ -272,10 +282,11 @@ def _job(
     key = _job_key(stages, hyperparameters, first, keys, chunk)
     kept = _JOBS.get(key, stages)
     if kept is not None:
+        job, numbers = kept
         if not counts_steps(first.steps):
-            return kept
+            return job
         scalars = step_scalars(stages, hyperparameters, first.steps, first.applies, keys)
-        return replace(kept, constants=_constants(scalars, kept.dtype))
+        return replace(job, constants=_step_constants(scalars, job.dtype, numbers))
     dtype = first.work_dtype
     program = _compile(stages, hyperparameters, first, keys)
     if not program.outputs:
@@ -327,6 +338,14 @@ def _constants(values: Sequence[Scalar], dtype: torch.dtype) -> tuple[Scalar, ..
         value.to(dtype) if isinstance(value, Tensor) else number_tensor(position, float(value), dtype)
         for position, value in enumerate(values)
     )
+
+
+def _step_constants(values: Sequence[Scalar], dtype: torch.dtype, numbers: StepNumbers) -> tuple[Scalar, ...]:
+    """:func:`_constants` for a later step of a kept job: its numbers written into the job's
+    :class:`~._chain.StepNumbers` (the job runs before the next step asks for them)."""
+    if dtype not in (torch.float32, torch.float64) or not all(isinstance(value, (int, float)) for value in values):
+        return _constants(values, dtype)
+    return numbers.hold(cast("Sequence[float]", values), dtype)
 
 
 def _compile(

@@ -39,12 +39,13 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from ..formula import ELEMENTWISE, PROBE_SCALAR, Graph, Node, ScalarKind, Symbol, probe_operands, scalar_kind
+from ..formula import ELEMENTWISE, PROBE_SCALAR, Graph, Node, Scalar, ScalarKind, Symbol, probe_operands, scalar_kind
 from ._chain import (
     Batch,
     KeptRecordings,
     Slot,
     Stage,
+    StepNumbers,
     counts_steps,
     fits,
     number_tensor,
@@ -148,13 +149,28 @@ def _coefficients(
     (and a wait for the GPU) every step. Numbers recur from step to step (a learning rate,
     ``1 - rho``), so their tensors are kept and reused, one per position: one call never gets
     the same tensor twice, which torch.compile would guard on."""
-    dtype = torch.float32 if work_dtype == torch.float32 and device.type == "cpu" else torch.float64
+    dtype = _coefficient_dtype(device, work_dtype)
     return tuple(
         _tensor_coefficient(value, device, dtype)
         if isinstance(value, Tensor)
         else number_tensor(position, float(cast(Real, value)), dtype)
         for position, value in enumerate(values)
     )
+
+
+def _coefficient_dtype(device: torch.device, work_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if work_dtype == torch.float32 and device.type == "cpu" else torch.float64
+
+
+def _step_coefficients(
+    values: Sequence[Scalar], device: torch.device, work_dtype: torch.dtype, numbers: StepNumbers
+) -> tuple[Tensor, ...]:
+    """:func:`_coefficients` for a later step of a kept recording: on the CPU, where the
+    kernel reads them at once, numbers are written into the recording's
+    :class:`~._chain.StepNumbers` instead of looked up or made."""
+    if device.type != "cpu" or not all(isinstance(value, (int, float)) for value in values):
+        return _coefficients(values, device, work_dtype)
+    return numbers.hold(cast("Sequence[float]", values), _coefficient_dtype(device, work_dtype))
 
 
 def _tensor_coefficient(value: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -794,10 +810,11 @@ class CompiledEngine:
         )
         kept = _RECORDINGS.get(kept_as, stages)
         if kept is not None:
+            recorded, numbers = kept
             if not counts_steps(steps):
-                return kept
+                return recorded
             scalars = step_scalars(stages, hyperparameters, steps, first.applies, tuple(first.state))
-            return kept[0], _coefficients(scalars, bucket.device, first.work_dtype)
+            return recorded[0], _step_coefficients(scalars, bucket.device, first.work_dtype, numbers)
         graph = Graph()
         leaves = {role: graph.leaf(role) for role in bucket.roles}
         state = {key: leaves[key] for key in first.state}
