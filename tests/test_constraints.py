@@ -256,3 +256,95 @@ def test_overflow_guard_keeps_gradients_finite() -> None:
     weight = torch.tensor([[1e-3, 2.0], [3.0, 4.0]], requires_grad=True)
     updates.norm_constraint(weight, 1.0).sum().backward()
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+# --- the joint norm's sum over many tensors -----------------------------------------------
+
+
+def _defined_sum_of_squares(tensors):
+    """The joint norm's sum as defined: torch.sum(t * t) per tensor, added in order as 0-d tensors."""
+    total = torch.sum(tensors[0] * tensors[0])
+    for t in tensors[1:]:
+        total = total + torch.sum(t * t)
+    return total
+
+
+def _mixed_tensors(dtype, seed=0):
+    """Small tensors of a few shapes in several runs (stacked by rows), short ones of a shape
+    seen once, long ones, transposed, 0-d and empty ones, at scales from 1e-3 to 1e3."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(4096,), (33,), (7, 5), (4096,), (33,), (20000,), (1,), (), (0,), (7, 5), (3, 70001), (33,)]
+    shapes += [(4096,)] * 70 + [(16384,), (16385,), (16384,)] + [(32790,)] * 3  # summed on two threads alone
+    scales = [10 ** (6 * torch.rand((), generator=gen) - 3) for _ in shapes]
+    tensors = [torch.randn(s, generator=gen, dtype=dtype) * scale for s, scale in zip(shapes, scales, strict=True)]
+    tensors.append(torch.randn(5, 7, generator=gen, dtype=dtype).t())  # (7, 5), not contiguous
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_joint_sum_over_many_tensors_is_one_sum_per_tensor_added_in_order(dtype):
+    from torchupdates._host_sums import _sums, host_sum_of_squares
+
+    for seed in range(3):
+        tensors = _mixed_tensors(dtype, seed)
+        assert _sums(tensors) == [torch.sum(t * t).item() for t in tensors]
+        got = host_sum_of_squares(tensors)
+        assert got is not None and got.dtype == dtype
+        assert torch.equal(got, _defined_sum_of_squares(tensors))
+        expected_norm = torch.sqrt(_defined_sum_of_squares(tensors))
+        assert torch.equal(updates.total_norm_constraint(tensors, 1.0, return_norm=True)[1], expected_norm)
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_joint_sum_with_subnormal_overflowing_and_nonfinite_parts(flush):
+    from torchupdates._host_sums import host_sum_of_squares
+
+    cases = {
+        "subnormal squares": [torch.full((4096,), 1e-23), torch.full((4096,), 2e-23), torch.full((33,), 1e-22)],
+        "overflowing squares": [torch.full((4096,), 1e20), torch.ones(4096), torch.full((10,), 3e19)],
+        "an infinity": [torch.ones(4096), torch.tensor([1.0, float("inf")]), torch.ones(4096)],
+        "a NaN": [torch.ones(4096), torch.tensor([float("nan")]), torch.ones(33)],
+    }
+    torch.set_flush_denormal(flush)
+    try:
+        for name, tensors in cases.items():
+            got = host_sum_of_squares(tensors)
+            expected = _defined_sum_of_squares(tensors)
+            if got is None:
+                assert name == "subnormal squares" and not flush  # the tensors add them instead
+            else:
+                assert torch.equal(got, expected) or (got.isnan() and expected.isnan()), name
+            norm = updates.total_norm_constraint(tensors, 1.0, return_norm=True)[1]
+            if name != "overflowing squares":  # (those take the rescaling pass, checked elsewhere)
+                assert torch.equal(norm, torch.sqrt(expected)) or (norm.isnan() and expected.isnan()), name
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_joint_sum_takes_a_few_calls_for_many_small_tensors():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from torchupdates._host_sums import host_sum_of_squares
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(100, generator=gen) for _ in range(1000)] + [torch.randn(300, 300, generator=gen)]
+    with Count():
+        got = host_sum_of_squares(tensors)
+    assert torch.equal(got, _defined_sum_of_squares(tensors))
+    assert Count.calls < 30  # one sum per tensor would be 2,000 calls and more
+
+
+def test_joint_norm_of_tensors_that_need_gradients_stays_differentiable():
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(50, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(5)]
+    _, norm = updates.total_norm_constraint(tensors, 1.0, return_norm=True)
+    norm.backward()
+    for t in tensors:
+        torch.testing.assert_close(t.grad, t.detach() / norm.detach(), rtol=1e-12, atol=0)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ._docs import filled
+from ._host_sums import host_sum_of_squares
 from .formula import Scalar
 from .transform import NON_NEGATIVE, Hyperparameter, check_hyperparameter
 
@@ -247,7 +248,10 @@ def total_norm_constraint(
 
 def joint_norm(tensors: Sequence[Tensor]) -> Tensor:
     """:func:`total_norm_constraint`'s :math:`n` of checked, non-empty ``tensors``."""
-    norm = torch.sqrt(_total(_sum_of_squares(t) for t in tensors))
+    total = host_sum_of_squares(tensors)
+    if total is None:
+        total = _total(_sum_of_squares(t) for t in tensors)
+    norm = torch.sqrt(total)
 
     def largest() -> Tensor:
         magnitude = _largest_magnitude(tensors[0])
