@@ -348,3 +348,21 @@ def test_joint_norm_of_tensors_that_need_gradients_stays_differentiable():
     norm.backward()
     for t in tensors:
         torch.testing.assert_close(t.grad, t.detach() / norm.detach(), rtol=1e-12, atol=0)
+
+
+def test_joint_norm_first_taken_in_inference_mode_works_outside_it():
+    # The stacking buffer is kept per thread: made in inference mode, it would refuse writes after.
+    import threading
+
+    def first_inside_then_outside(results):
+        tensors = [torch.full((100,), 0.5) for _ in range(5)]
+        with torch.inference_mode():
+            inside = updates.total_norm_constraint(tensors, 1.0, return_norm=True)[1]
+        outside = updates.total_norm_constraint(tensors, 1.0, return_norm=True)[1]
+        results += [inside.item(), outside.item()]
+
+    results: list[float] = []
+    thread = threading.Thread(target=first_inside_then_outside, args=(results,))  # a thread's first use
+    thread.start()
+    thread.join()
+    assert results == [pytest.approx(0.5 * 500**0.5, rel=1e-6)] * 2

@@ -702,6 +702,16 @@ def test_later_steps_of_a_counting_chain_make_no_new_scalar_tensors(
     _assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
 
 
+def test_step_numbers_first_held_in_inference_mode_take_values_outside_it() -> None:
+    from torchupdates.engines._chain import StepNumbers
+
+    numbers = StepNumbers()
+    with torch.inference_mode():
+        numbers.hold([1.0, 2.0], torch.float32)
+    held = numbers.hold([1e300, 0.25], torch.float32)  # 1e300: written by a copy, not NumPy
+    assert [t.item() for t in held] == [float("inf"), 0.25]
+
+
 _EDGE_NUMBERS = [0.1, -0.0, 0.0, 1e-300, -1e-45, 3.4028234663852886e38, 3.4028235677973366e38, 1e300, -1e300]
 _EDGE_NUMBERS += [float("inf"), float("-inf"), float("nan"), 1 / 3, 2**60 + 1]
 

@@ -123,5 +123,6 @@ _SCRATCH = _Scratch()
 def _scratch(dtype: torch.dtype) -> Tensor:
     buffer = _SCRATCH.buffers.get(dtype)
     if buffer is None:
-        buffer = _SCRATCH.buffers[dtype] = torch.empty(STACK_ELEMENTS, dtype=dtype)
+        with torch.inference_mode(False):  # made in inference mode, it would refuse writes outside it
+            buffer = _SCRATCH.buffers[dtype] = torch.empty(STACK_ELEMENTS, dtype=dtype)
     return buffer

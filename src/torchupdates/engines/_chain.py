@@ -172,7 +172,8 @@ class StepNumbers(threading.local):
         """``values`` (numbers) as 0-d CPU tensors of ``dtype``, each rounded to it as
         ``torch.tensor(value, dtype=dtype)`` rounds it."""
         if len(self.tensors) != len(values) or any(tensor.dtype != dtype for tensor in self.tensors):
-            self.tensors = tuple(torch.empty((), dtype=dtype) for _ in values)
+            with torch.inference_mode(False):  # made in inference mode, they would refuse writes outside it
+                self.tensors = tuple(torch.empty((), dtype=dtype) for _ in values)
             self._writers = [_writer(tensor) for tensor in self.tensors]
         for write, value in zip(self._writers, values, strict=True):
             write(float(value))
