@@ -731,7 +731,8 @@ def test_step_numbers_round_each_value_as_a_new_tensor_would(
         monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
     numbers = StepNumbers()
     bits = torch.int32 if dtype == torch.float32 else torch.int64
-    for values in (_EDGE_NUMBERS, _EDGE_NUMBERS[::-1]):  # written over earlier values
+    flipped = [-v if v == 0 else v for v in _EDGE_NUMBERS]  # zeros of the other sign, the rest equal
+    for values in (_EDGE_NUMBERS, _EDGE_NUMBERS, flipped, _EDGE_NUMBERS[::-1]):  # over earlier values
         held = numbers.hold(values, dtype)
         expected = [torch.tensor(float(value), dtype=dtype) for value in values]
         assert all(t.dtype == dtype and t.dim() == 0 for t in held)
