@@ -34,6 +34,11 @@ __all__ = ["host_sum_of_squares"]
 ROW_SUM_LIMIT = 16384
 """Elements, at most, of a tensor summed as a row of a stack (half torch's grain size)."""
 
+STACK_ELEMENTS = 1 << 18
+"""Elements of one stack at most (1 MiB of float32, in a second-level cache): its buffer is
+kept per thread and dtype, so that no step maps fresh memory for it (a new 3 MB tensor cost
+up to 2 ms of page faults, against 0.1 ms to fill it)."""
+
 _TYPECODES = {torch.float32: "f", torch.float64: "d"}
 _PLAIN = (Tensor, torch.nn.Parameter)
 _DTYPE, _LAYOUT, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("layout"), operator.attrgetter("shape")
@@ -104,12 +109,6 @@ def _sums(tensors: Sequence[Tensor]) -> list[float]:
     for index, value in zip(order, torch.cat(parts).tolist(), strict=True):
         values[index] = value
     return values
-
-
-STACK_ELEMENTS = 1 << 18
-"""Elements of one stack at most (1 MiB of float32, in a second-level cache): its buffer is
-kept per thread and dtype, so that no step maps fresh memory for it (a new 3 MB tensor cost
-up to 2 ms of page faults, against 0.1 ms to fill it)."""
 
 
 class _Scratch(threading.local):
