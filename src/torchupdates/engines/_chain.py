@@ -7,7 +7,7 @@ import operator
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeGuard, TypeVar
+from typing import Any, Generic, TypeGuard, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -172,9 +172,12 @@ class StepNumbers(threading.local):
         self._writers: list[Callable[[float], None]] = []
         self._written: list[float] = []
 
-    def hold(self, values: Sequence[float], dtype: torch.dtype) -> tuple[Tensor, ...]:
-        """``values`` (numbers) as 0-d CPU tensors of ``dtype``, each rounded to it as
-        ``torch.tensor(value, dtype=dtype)`` rounds it."""
+    def hold(self, values: Sequence[Scalar], dtype: torch.dtype) -> tuple[Tensor, ...] | None:
+        """``values`` as 0-d CPU tensors of ``dtype``, each rounded to it as
+        ``torch.tensor(value, dtype=dtype)`` rounds it; None, writing nothing, unless every
+        value is a Python number (the caller then makes its tensors its own way)."""
+        if not all(isinstance(value, (int, float)) for value in values):
+            return None
         if len(self.tensors) != len(values) or self._dtype != dtype:
             with torch.inference_mode(False):  # made in inference mode, they would refuse writes outside it
                 self.tensors = tuple(torch.empty((), dtype=dtype) for _ in values)
@@ -185,8 +188,8 @@ class StepNumbers(threading.local):
         for position, value in enumerate(values):
             # Equal numbers have equal bits but for zeros (0.0 == -0.0) and NaN (never equal).
             if value != written[position] or value == 0:
-                self._writers[position](float(value))
-                written[position] = value
+                self._writers[position](float(cast(float, value)))
+                written[position] = cast(float, value)
         return self.tensors
 
 

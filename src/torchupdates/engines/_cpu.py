@@ -343,9 +343,8 @@ def _constants(values: Sequence[Scalar], dtype: torch.dtype) -> tuple[Scalar, ..
 def _step_constants(values: Sequence[Scalar], dtype: torch.dtype, numbers: StepNumbers) -> tuple[Scalar, ...]:
     """:func:`_constants` for a later step of a kept job: its numbers written into the job's
     :class:`~._chain.StepNumbers` (the job runs before the next step asks for them)."""
-    if dtype not in (torch.float32, torch.float64) or not all(isinstance(value, (int, float)) for value in values):
-        return _constants(values, dtype)
-    return numbers.hold(cast("Sequence[float]", values), dtype)
+    held = numbers.hold(values, dtype) if dtype in (torch.float32, torch.float64) else None
+    return _constants(values, dtype) if held is None else held
 
 
 def _compile(

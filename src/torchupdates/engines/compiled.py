@@ -168,9 +168,8 @@ def _step_coefficients(
     """:func:`_coefficients` for a later step of a kept recording: on the CPU, where the
     kernel reads them at once, numbers are written into the recording's
     :class:`~._chain.StepNumbers` instead of looked up or made."""
-    if device.type != "cpu" or not all(isinstance(value, (int, float)) for value in values):
-        return _coefficients(values, device, work_dtype)
-    return numbers.hold(cast("Sequence[float]", values), _coefficient_dtype(device, work_dtype))
+    held = numbers.hold(values, _coefficient_dtype(device, work_dtype)) if device.type == "cpu" else None
+    return _coefficients(values, device, work_dtype) if held is None else held
 
 
 def _tensor_coefficient(value: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
