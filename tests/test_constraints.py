@@ -284,11 +284,12 @@ def _mixed_tensors(dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_joint_sum_over_many_tensors_is_one_sum_per_tensor_added_in_order(dtype):
     from torchupdates._host_sums import _sums, host_sum_of_squares
+    from torchupdates.constraints import _sum_of_squares
 
     for seed in range(3):
         tensors = _mixed_tensors(dtype, seed)
-        assert _sums(tensors) == [torch.sum(t * t).item() for t in tensors]
-        got = host_sum_of_squares(tensors)
+        assert _sums(tensors, _sum_of_squares) == [torch.sum(t * t).item() for t in tensors]
+        got = host_sum_of_squares(tensors, _sum_of_squares)
         assert got is not None and got.dtype == dtype
         assert torch.equal(got, _defined_sum_of_squares(tensors))
         expected_norm = torch.sqrt(_defined_sum_of_squares(tensors))
@@ -298,6 +299,7 @@ def test_joint_sum_over_many_tensors_is_one_sum_per_tensor_added_in_order(dtype)
 @pytest.mark.parametrize("flush", [False, True])
 def test_joint_sum_with_subnormal_overflowing_and_nonfinite_parts(flush):
     from torchupdates._host_sums import host_sum_of_squares
+    from torchupdates.constraints import _sum_of_squares
 
     cases = {
         "subnormal squares": [torch.full((4096,), 1e-23), torch.full((4096,), 2e-23), torch.full((33,), 1e-22)],
@@ -308,7 +310,7 @@ def test_joint_sum_with_subnormal_overflowing_and_nonfinite_parts(flush):
     torch.set_flush_denormal(flush)
     try:
         for name, tensors in cases.items():
-            got = host_sum_of_squares(tensors)
+            got = host_sum_of_squares(tensors, _sum_of_squares)
             expected = _defined_sum_of_squares(tensors)
             if got is None:
                 assert name == "subnormal squares" and not flush  # the tensors add them instead
@@ -325,6 +327,7 @@ def test_joint_sum_takes_a_few_calls_for_many_small_tensors():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from torchupdates._host_sums import host_sum_of_squares
+    from torchupdates.constraints import _sum_of_squares
 
     class Count(TorchDispatchMode):
         calls = 0
@@ -336,7 +339,7 @@ def test_joint_sum_takes_a_few_calls_for_many_small_tensors():
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(100, generator=gen) for _ in range(1000)] + [torch.randn(300, 300, generator=gen)]
     with Count():
-        got = host_sum_of_squares(tensors)
+        got = host_sum_of_squares(tensors, _sum_of_squares)
     assert torch.equal(got, _defined_sum_of_squares(tensors))
     assert Count.calls < 30  # one sum per tensor would be 2,000 calls and more
 

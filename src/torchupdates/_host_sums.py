@@ -23,7 +23,7 @@ from __future__ import annotations
 import operator
 import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import repeat
 
 import torch
@@ -45,8 +45,9 @@ _DTYPE, _LAYOUT, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("lay
 _IS_CPU, _REQUIRES_GRAD = operator.attrgetter("is_cpu"), operator.attrgetter("requires_grad")
 
 
-def host_sum_of_squares(tensors: Sequence[Tensor]) -> Tensor | None:
-    """``sum(t * t)`` of every tensor, added in order, as a 0-d tensor of their dtype; None
+def host_sum_of_squares(tensors: Sequence[Tensor], sum_of_squares: Callable[[Tensor], Tensor]) -> Tensor | None:
+    """``sum_of_squares(t)`` (the definition: ``torch.sum(t * t)`` for real tensors) of every
+    tensor, added in order, as a 0-d tensor of their dtype; None
     unless the tensors are plain strided CPU tensors of one dtype, float32 or float64, that
     need no gradient, outside a step that torch.compile traces, and no subnormal number
     comes up (the caller then adds 0-d tensors)."""
@@ -63,7 +64,7 @@ def host_sum_of_squares(tensors: Sequence[Tensor]) -> Tensor | None:
         or any(map(_REQUIRES_GRAD, tensors))
     ):
         return None
-    values = _sums(tensors)
+    values = _sums(tensors, sum_of_squares)
     # Sums of squares are >= 0 (or NaN), so the partial sums of normal numbers are normal.
     tiny = torch.finfo(dtype).tiny
     if any(0.0 < value < tiny for value in values):
@@ -74,9 +75,9 @@ def host_sum_of_squares(tensors: Sequence[Tensor]) -> Tensor | None:
     return torch.tensor(rounded[0], dtype=dtype)
 
 
-def _sums(tensors: Sequence[Tensor]) -> list[float]:
+def _sums(tensors: Sequence[Tensor], sum_of_squares: Callable[[Tensor], Tensor]) -> list[float]:
     """Each tensor's ``torch.sum(t * t)``, read to the host: short contiguous tensors of one
-    shape as the rows of stacks, the others one by one."""
+    shape as the rows of stacks, the others one by one by ``sum_of_squares``."""
     rows: dict[torch.Size, list[int]] = {}
     alone: list[int] = []
     numels = list(map(Tensor.numel, tensors))
@@ -103,7 +104,7 @@ def _sums(tensors: Sequence[Tensor]) -> list[float]:
             parts.append(torch.sum(stacked.view(len(some), numel), dim=1))
             order += some
     if alone:
-        parts.append(torch.stack([torch.sum(tensors[i] * tensors[i]) for i in alone]))
+        parts.append(torch.stack([sum_of_squares(tensors[i]) for i in alone]))
         order += alone
     values = [0.0] * len(tensors)
     for index, value in zip(order, torch.cat(parts).tolist(), strict=True):

@@ -248,7 +248,7 @@ def total_norm_constraint(
 
 def joint_norm(tensors: Sequence[Tensor]) -> Tensor:
     """:func:`total_norm_constraint`'s :math:`n` of checked, non-empty ``tensors``."""
-    total = host_sum_of_squares(tensors)
+    total = host_sum_of_squares(tensors, _sum_of_squares)
     if total is None:
         total = _total(_sum_of_squares(t) for t in tensors)
     norm = torch.sqrt(total)
