@@ -482,6 +482,132 @@ def test_program_refuses_outputs_into_read_only_leaves() -> None:
         compile_program(graph, [param, grad], [True, False], [(param - grad, 1)], "native")
 
 
+def _random_bits(count: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Every kind of value: random bit patterns (NaNs, infinities, subnormals, both zeros) and
+    ordinary numbers of many magnitudes."""
+    if dtype == torch.float32:
+        bits = torch.randint(-(2**31), 2**31 - 1, (count,), dtype=torch.int32, generator=generator).view(dtype)
+    else:
+        bits = torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, generator=generator).view(dtype)
+    scales = 10.0 ** torch.randint(-30, 30, (count,), generator=generator).to(dtype)
+    ordinary = torch.randn(count, generator=generator, dtype=dtype) * scales
+    zeros = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=dtype).repeat(count // 8)
+    return torch.cat([bits, ordinary, zeros])
+
+
+def _run(program: Program, registers: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """Run ``program`` with its constants passed as documented on :class:`Program`."""
+    scratch = [torch.empty_like(registers[0]) for _ in range(program.scratch)]
+    constants: list[Any] = [torch.as_tensor(value).to(dtype) for value in program.constants]
+    for position in program.numbers:
+        constants[position] = constants[position].item()
+    ones = [torch.ones((), dtype=dtype)] if program.one else []
+    program.run(*registers, *scratch, *constants, *ones)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_programs_round_every_absorbed_operation(dtype: torch.dtype) -> None:
+    # a -/+ c*b, a + (c*b)/d, a - b/d as one addcdiv each; products read twice, or kept as
+    # results, stay calls of their own. Checked against the same graph run one operation per
+    # call, on every kind of value, NaNs at the same places.
+    def graph_and_results() -> tuple[Graph, list[Any], list[Any]]:
+        graph = Graph()
+        leaves = [graph.leaf(name) for name in ("a", "b", "d", "e", "f", "g")]
+        a, b, d, e, f, g = leaves
+        twice = b * 0.75
+        results = [
+            a - b * 0.3,
+            b * torch.tensor(-1.7) + d,
+            d + (b * 3.1) / e,
+            e - a / d,
+            f + twice - twice,  # read twice: not absorbed
+            g * 1e-3,  # a result itself: not absorbed
+        ]
+        return graph, leaves, results
+
+    generator = torch.Generator().manual_seed(3)
+    inputs = [_random_bits(4000, dtype, generator) for _ in range(6)]
+    ran = {}
+    for fuse in (False, True):
+        graph, leaves, results = graph_and_results()
+        outputs = [(result, position) for position, result in enumerate(results)]
+        program = compile_program(graph, leaves, [True] * 6, outputs, "native", fuse=fuse)
+        registers = [x.clone() for x in inputs]
+        _run(program, registers, dtype)
+        ran[fuse] = (program, registers)
+    fused, unfused = ran[True][0], ran[False][0]
+    assert "addcdiv" not in unfused.source
+    assert fused.source.count("addcdiv(") == 4, fused.source
+    assert fused.source.count("\n") == unfused.source.count("\n") - 5, fused.source
+    for got, expected in zip(ran[True][1], ran[False][1], strict=True):
+        assert torch.equal(got.isnan(), expected.isnan())
+        kept = ~expected.isnan()
+        assert torch.equal(got[kept], expected[kept])
+        assert torch.equal(got[kept].signbit(), expected[kept].signbit())
+
+
+@pytest.fixture
+def addcdiv_probe() -> Any:
+    """The once-per-process check of addcdiv, forgotten before and after the test."""
+    from torchupdates.engines import _fusion
+
+    _fusion.addcdiv_rounds_each_operation.cache_clear()
+    yield _fusion.addcdiv_rounds_each_operation
+    _fusion.addcdiv_rounds_each_operation.cache_clear()
+
+
+def test_programs_keep_every_operation_where_addcdiv_rounds_once(
+    monkeypatch: pytest.MonkeyPatch, addcdiv_probe: Any
+) -> None:
+    # A torch whose addcdiv rounded a + c*b once (a fused multiply-add) would give other bits:
+    # the probe must see it, and the programs then keep the multiply and the subtraction.
+    assert addcdiv_probe(torch.float32) and addcdiv_probe(torch.float64)
+    addcdiv_probe.cache_clear()
+    native = torch.addcdiv
+
+    def rounded_once(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, *, value: float = 1, out: Any = None) -> Any:
+        if a.dtype != torch.float32:
+            return native(a, b, d, value=value, out=out)
+        result = (a.double() + value * b.double() / d.double()).float()
+        return result if out is None else out.copy_(result)
+
+    monkeypatch.setattr(torch, "addcdiv", rounded_once)
+    assert not addcdiv_probe(torch.float32)
+    assert addcdiv_probe(torch.float64)
+    assert not _cpu.fuses(torch.float32)
+    params = [torch.nn.Parameter(torch.full((3000,), 1.0))]
+    params[0].grad = torch.full((3000,), 0.1)
+    seen = _ops_seen(lambda: torchupdates.sgd(params, learning_rate=0.3).step())
+    assert seen.get("aten::addcdiv", 0) == 0 and seen.get("aten::mul", 0) >= 3
+    assert torch.equal(params[0].detach(), torch.full((3000,), 1.0 - 0.1 * 0.3))  # hand-rounded as two operations
+
+
+def _ops_seen(step: Callable[[], None]) -> dict[str, int]:
+    """How many times each ATen operation ran during ``step`` (torch's profiler: no Python
+    dispatch mode, under which the engine keeps every operation for the mode to see)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step()
+    return {event.key: event.count for event in profile.key_averages()}
+
+
+@pytest.mark.parametrize("rule", ["sgd", "momentum", "adam"])
+def test_cpu_programs_take_one_call_per_fused_sum(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SGD's step is one addcdiv per chunk, momentum's two addcdiv and one subtraction, Adam's
+    # three products where it records six; all equal the reference engine bit for bit
+    # (test_cpu_step_equals_reference) whatever the layout.
+    monkeypatch.setattr(foreach_engine, "cpu_workers", lambda: 1)  # the profiler sees this thread only
+    params = [torch.nn.Parameter(torch.randn(3000, generator=torch.Generator().manual_seed(0)))]
+    params[0].grad = torch.randn(3000, generator=torch.Generator().manual_seed(1))
+    make = getattr(torchupdates, rule)
+    optimizer = make(params, learning_rate=0.01)
+    optimizer.step()  # the first step moves the tensors into the buffers
+    seen = _ops_seen(optimizer.step)
+    chunks = 3  # CHUNK elements each
+    expected = {"sgd": (1, 0, 0), "momentum": (2, 0, 1), "adam": (3, 3, 0)}[rule]
+    counts = tuple(seen.get(f"aten::{op}", 0) for op in ("addcdiv", "mul", "sub"))
+    assert counts == tuple(chunks * n for n in expected), seen
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("set_to_none", [False, True], ids=["grads kept", "new grads"])
 def test_flat_buffer_path_equals_reference(

@@ -53,6 +53,7 @@ from ._chain import (
     step_scalars,
 )
 from ._flat import Span, dense_strides
+from ._fusion import addcdiv_rounds_each_operation
 from ._program import Program, compile_program
 from ._workers import run_tasks
 
@@ -286,14 +287,14 @@ def _job(
         if not counts_steps(first.steps):
             return job
         scalars = step_scalars(stages, hyperparameters, first.steps, first.applies, keys)
-        return replace(job, constants=_step_constants(scalars, job.dtype, numbers))
+        return replace(job, constants=_step_constants(scalars, job.dtype, numbers, job.program))
     dtype = first.work_dtype
     program = _compile(stages, hyperparameters, first, keys)
     if not program.outputs:
         return None
     leaves = 2 + len(keys)
     chunk = _chunk_elements(chunk, (leaves + program.scratch) * dtype.itemsize + 8 * program.wide)
-    job = _Job(program, _constants(program.constants, dtype), dtype, leaves, chunk)
+    job = _Job(program, _constants(program.constants, dtype, program), dtype, leaves, chunk)
     _JOBS.put(key, stages, job)
     return job
 
@@ -303,7 +304,8 @@ def _job_key(
 ) -> Hashable | None:
     """Everything a job is made from, when that is all (see :func:`~._chain.recording_key`)."""
     key = recording_key(stages, hyperparameters, first.steps, first.applies, first.work_dtype)
-    return None if key is None else (*key, tuple(keys), chunk, sqrt_mode(first.work_dtype))
+    dtype = first.work_dtype
+    return None if key is None else (*key, tuple(keys), chunk, sqrt_mode(dtype), fuses(dtype))
 
 
 _JOBS: KeptRecordings[_Job] = KeptRecordings(64)
@@ -324,8 +326,9 @@ def _chunk_elements(largest: int, register_bytes: int) -> int:
     return min(largest, max(64, fitting - fitting % 64))
 
 
-def _constants(values: Sequence[Scalar], dtype: torch.dtype) -> tuple[Scalar, ...]:
-    """The program's scalars, as 0-d tensors of the working dtype when that changes nothing.
+def _constants(values: Sequence[Scalar], dtype: torch.dtype, program: Program) -> tuple[Scalar, ...]:
+    """The program's arguments after its registers: its scalars, as 0-d tensors of the
+    working dtype when that changes nothing, and the tensor 1 when it takes one.
 
     For float32 and float64 results, torch casts a scalar operand (a Python number or a 0-d
     tensor) to the result's dtype, rounding to nearest, before the elementwise loop: casting
@@ -334,17 +337,46 @@ def _constants(values: Sequence[Scalar], dtype: torch.dtype) -> tuple[Scalar, ..
     """
     if dtype not in (torch.float32, torch.float64):
         return tuple(values)
-    return tuple(
-        value.to(dtype) if isinstance(value, Tensor) else number_tensor(position, float(value), dtype)
-        for position, value in enumerate(values)
+    return _with_numbers(
+        [
+            value.to(dtype) if isinstance(value, Tensor) else number_tensor(position, float(value), dtype)
+            for position, value in enumerate(values)
+        ],
+        dtype,
+        program,
     )
 
 
-def _step_constants(values: Sequence[Scalar], dtype: torch.dtype, numbers: StepNumbers) -> tuple[Scalar, ...]:
+def _step_constants(
+    values: Sequence[Scalar], dtype: torch.dtype, numbers: StepNumbers, program: Program
+) -> tuple[Scalar, ...]:
     """:func:`_constants` for a later step of a kept job: its numbers written into the job's
     :class:`~._chain.StepNumbers` (the job runs before the next step asks for them)."""
     held = numbers.hold(values, dtype) if dtype in (torch.float32, torch.float64) else None
-    return _constants(values, dtype) if held is None else held
+    return _constants(values, dtype, program) if held is None else _with_numbers(list(held), dtype, program)
+
+
+def _with_numbers(tensors: list[Tensor], dtype: torch.dtype, program: Program) -> tuple[Scalar, ...]:
+    """The 0-d tensors, those ``program`` takes as numbers read out (the same rounded
+    value), and its 0-d one last when it takes one."""
+    constants: list[Scalar] = list(tensors)
+    for position in program.numbers:
+        constants[position] = tensors[position].item()
+    if program.one:
+        constants.append(number_tensor(-1, 1.0, dtype))
+    return tuple(constants)
+
+
+def fuses(dtype: torch.dtype) -> bool:
+    """Whether CPU programs of this working dtype let one ``addcdiv`` call stand for two or
+    three operations (:mod:`._fusion`): for float32 and float64, where this torch's kernel
+    rounds each of them, and not under a Python dispatch or function mode, which should see
+    the recorded operations."""
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return False
+    return addcdiv_rounds_each_operation(dtype)
 
 
 def _compile(
@@ -361,7 +393,10 @@ def _compile(
     outputs = [(cast(Symbol, proposal), 0)]
     outputs += [(cast(Symbol, value), position[key]) for key, value in new_state.items()]
     writable = [role != "grad" for role in roles]
-    return compile_program(graph, [param, grad, *state.values()], writable, outputs, sqrt_mode(first.work_dtype))
+    dtype = first.work_dtype
+    return compile_program(
+        graph, [param, grad, *state.values()], writable, outputs, sqrt_mode(dtype), fuse=fuses(dtype)
+    )
 
 
 def sqrt_mode(dtype: torch.dtype) -> str:

@@ -17,7 +17,9 @@ into a register whose value is no longer read, so a chunk allocates nothing:
 
 Each recorded operation stays one call of the elementwise torch function with the same
 operands in the same order (``out=`` may alias an operand exactly, which elementwise kernels
-allow), so every element is the same single IEEE operation as in the other engines. Square
+allow), so every element is the same single IEEE operation as in the other engines; with
+``fuse``, a sum or difference and the product or quotient only it reads are one ``addcdiv``
+call that rounds each of them alike (:mod:`._fusion`). Square
 roots are correctly rounded (:mod:`torchupdates.formula._sqrt`), in one of three ways chosen per
 program: torch's own (``"native"``: float64, and 16-bit types verified exact), through a
 float64 register rounded once (``"wide"``), or NumPy's IEEE float32 root (``"numpy"``, which
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 
 from ..formula import ELEMENTWISE, Graph, Node, Scalar, Symbol, numpy_sqrt
+from ._fusion import Instruction, Place, instructions
 
 __all__ = ["SQRT_MODES", "Program", "compile_program"]
 
@@ -50,8 +53,11 @@ class Program:
 
     Registers are ``leaves`` (in the order given to :func:`compile_program`), then
     ``scratch`` scratch registers of the working dtype, then one float64 register when
-    ``wide`` (for square roots, as long as the others). ``outputs`` lists the leaf positions whose registers hold a
-    new value at the end (the others are unchanged); ``reads`` the leaf positions read.
+    ``wide`` (for square roots, as long as the others), then the constants, then, when
+    ``one``, a 0-d tensor 1 of the working dtype. The constants at positions ``numbers`` must
+    be Python numbers (``addcdiv``'s ``value``, already rounded to the working dtype), the
+    others may be numbers or 0-d tensors. ``outputs`` lists the leaf positions whose registers
+    hold a new value at the end (the others are unchanged); ``reads`` the leaf positions read.
     """
 
     run: Callable[..., None]
@@ -59,6 +65,8 @@ class Program:
     wide: bool
     numpy: bool  # calls NumPy's square root (single-threaded, and it releases the GIL)
     constants: tuple[Scalar, ...]
+    numbers: tuple[int, ...]
+    one: bool
     outputs: tuple[int, ...]
     reads: tuple[int, ...]
     source: str
@@ -70,13 +78,16 @@ def compile_program(
     writable: Sequence[bool],
     outputs: Sequence[tuple[Symbol, int]],
     sqrt: str,
+    fuse: bool = False,
 ) -> Program:
     """Allocate registers for ``graph`` and generate its program.
 
     ``leaves`` are the graph's leaves in register order; ``writable[i]`` says whether leaf
     ``i``'s register may be overwritten (a target being replaced; gradients are not).
     ``outputs`` pairs each result node with the position of the leaf it replaces, which must
-    be writable. ``sqrt``: how square roots are taken, one of :data:`SQRT_MODES`.
+    be writable. ``sqrt``: how square roots are taken, one of :data:`SQRT_MODES`. ``fuse``:
+    whether ``addcdiv`` calls may stand for several operations (only where
+    :func:`~._fusion.addcdiv_rounds_each_operation` holds for the registers' dtype).
     """
     if sqrt not in SQRT_MODES:
         raise ValueError(f"sqrt must be one of {SQRT_MODES}, got {sqrt!r}")
@@ -90,10 +101,11 @@ def compile_program(
         tuple(writable),
         tuple((value.node.index, position) for value, position in outputs),
         sqrt,
+        fuse,
     )
     program = _PROGRAMS.get(key)
     if program is None:
-        program = _Allocator(graph, leaves, writable, outputs, sqrt).program()
+        program = _Allocator(graph, leaves, writable, outputs, sqrt, fuse).program()
         if len(_PROGRAMS) >= _KEPT_PROGRAMS:
             _PROGRAMS.clear()  # one atomic step, whatever other threads do meanwhile
         _PROGRAMS[key] = program
@@ -113,11 +125,17 @@ class _Allocator:
         writable: Sequence[bool],
         outputs: Sequence[tuple[Symbol, int]],
         sqrt: str,
+        fuse: bool,
     ) -> None:
-        self.nodes = graph.nodes
         self.leaves = [leaf.node for leaf in leaves]
         self.sqrt = sqrt
-        self.last_read = graph.last_reads()
+        self.instructions = instructions(graph, (value.node.index for value, _ in outputs), fuse)
+        self.graph_leaves = [node.index for node in graph.nodes if node.op == "leaf"]
+        self.last_read = [-1] * len(graph.nodes)
+        for instruction in self.instructions:
+            for arg in instruction.args:
+                if isinstance(arg, Node):
+                    self.last_read[arg.index] = instruction.index
         self.output_of: dict[int, int] = {}  # target register -> result node index
         for value, position in outputs:
             node = value.node
@@ -132,11 +150,19 @@ class _Allocator:
         self.reg_of: dict[int, int] = {leaf.index: i for i, leaf in enumerate(self.leaves)}
         self.holds: list[int | None] = [leaf.index for leaf in self.leaves]  # node held by each register
         self.lines: list[str] = []
-        self.scalars = graph.scalars()  # operands c0, c1, ... in the order _operand meets them
-        self.scalars_named = 0
+        self.scalars = graph.scalars()
+        places = [
+            (node.index, i) for node in graph.nodes for i, arg in enumerate(node.args) if not isinstance(arg, Node)
+        ]
+        order = {place: k for k, place in enumerate(places)}  # the order of graph.scalars()
+        self.scalar_names = {place: f"c{k}" for place, k in order.items()}
+        self.numbers = tuple(
+            sorted(order[i.value] for i in self.instructions if i.op == "addcdiv" and i.value is not None)
+        )
+        self.one = any(i.op == "addcdiv" and i.args[2] is None for i in self.instructions)
         # A leaf's register is called by the leaf's name where that is a plain identifier
         # taken by nothing else in the program; scratch registers are r<position>.
-        reserved = {*ELEMENTWISE, "sqrt", "npsqrt", "program", "w"}
+        reserved = {*ELEMENTWISE, "sqrt", "npsqrt", "addcdiv", "program", "w", "one"}
         names = [leaf.name for leaf in self.leaves]
         self.leaf_names = [
             name
@@ -163,7 +189,7 @@ class _Allocator:
         self.holds.append(None)
         return len(self.holds) - 1
 
-    def _destination(self, node: Node) -> int:
+    def _destination(self, node: Instruction) -> int:
         now = node.index
         # NumPy's root may have to be redone from its input: never in place.
         operand = node.args[0]
@@ -192,18 +218,21 @@ class _Allocator:
     def _name(self, reg: int) -> str:
         return self.leaf_names[reg] if reg < len(self.leaf_names) else f"r{reg}"
 
-    def _operand(self, arg: Node | Scalar) -> str:
+    def _operand(self, arg: Node | Place | None) -> str:
         if isinstance(arg, Node):
             return self._name(self.reg_of[arg.index])
-        self.scalars_named += 1
-        return f"c{self.scalars_named - 1}"
+        return "one" if arg is None else self.scalar_names[arg]
 
-    def _emit(self, node: Node) -> None:
+    def _emit(self, node: Instruction) -> None:
         operands = [self._operand(arg) for arg in node.args]
         out = self._destination(node)
         self.reg_of[node.index] = out
         self.holds[out] = node.index
-        if node.op == "sqrt" and self.sqrt == "wide":
+        if node.op == "addcdiv":
+            value = "1" if node.value is None else self.scalar_names[node.value]
+            sign = "-" if node.negate else ""
+            self.lines.append(f"addcdiv({', '.join(operands)}, value={sign}{value}, out={self._name(out)})")
+        elif node.op == "sqrt" and self.sqrt == "wide":
             # Correctly rounded: the float64 root of a float32/16 value rounds once to the
             # nearest float32/16 (see formula/_sqrt.py); "w" is the float64 register.
             self.lines.append(f"w.copy_({operands[0]}); sqrt(w, out=w); {self._name(out)}.copy_(w)")
@@ -213,17 +242,15 @@ class _Allocator:
             self.lines.append(f"{node.op}({', '.join(operands)}, out={self._name(out)})")
 
     def program(self) -> Program:
-        for node in self.nodes:
-            if node.op == "leaf":
-                if node.index not in self.reg_of:
-                    raise ValueError("the graph has a leaf that was not given as a register")
-                continue
-            self._emit(node)
+        if any(index not in self.reg_of for index in self.graph_leaves):
+            raise ValueError("the graph has a leaf that was not given as a register")
+        for instruction in self.instructions:
+            self._emit(instruction)
         self._final_copies()
         scratch = len(self.holds) - len(self.leaves)
-        wide = self.sqrt != "native" and any(node.op == "sqrt" for node in self.nodes)
+        wide = self.sqrt != "native" and any(i.op == "sqrt" for i in self.instructions)
         names = [self._name(i) for i in range(len(self.holds))] + (["w"] if wide else [])
-        names += [f"c{i}" for i in range(len(self.scalars))]
+        names += [f"c{i}" for i in range(len(self.scalars))] + (["one"] if self.one else [])
         body = [f"    {line}" for line in self.lines] or ["    pass"]
         source = "\n".join([f"def program({', '.join(names)}):", *body]) + "\n"
         reads = tuple(i for i, leaf in enumerate(self.leaves) if self.last_read[leaf.index] >= 0)
@@ -233,6 +260,8 @@ class _Allocator:
             wide=wide,
             numpy=wide and self.sqrt == "numpy",
             constants=self.scalars,
+            numbers=self.numbers,
+            one=self.one,
             outputs=tuple(sorted(self.output_of)),
             reads=reads,
             source=source,
@@ -261,6 +290,7 @@ def _compiled(source: str) -> Callable[..., None]:
     namespace: dict[str, Any] = dict(ELEMENTWISE)
     namespace["sqrt"] = torch.sqrt
     namespace["npsqrt"] = numpy_sqrt()
+    namespace["addcdiv"] = torch.addcdiv
     exec(compile(source, f"<torchupdates program {hash(source) & 0xFFFFFFFF:08x}>", "exec"), namespace)
     run: Callable[..., None] = namespace["program"]
     return run
